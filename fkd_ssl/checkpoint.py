@@ -1,0 +1,259 @@
+"""The project's checkpoint format, and safe (pickle-free) training state.
+
+**Model checkpoint** (what evaluators and teachers read): ``NAME.safetensors`` holding the
+:class:`~fkd_ssl.models.Encoder` weights, with the metadata JSON embedded in the safetensors
+header (key ``fkd_ssl``) and also written beside it as ``NAME.json`` for people and tools.
+The metadata holds the :class:`~fkd_ssl.models.ModelSpec` (arch, stem, head dims, input size,
+normalisation), the method, epochs, dataset fingerprint, git SHA and the resolved config.
+:func:`load_model` rebuilds the model from the file alone.
+
+**Training state** (resume): one ``.safetensors`` file whose tensors are the flattened
+tensors of a nested dict (model, optimizer, queue, RNG states) and whose header holds the
+rest of the structure as JSON.  Written to a temporary name and renamed, so a kill at any
+moment leaves the previous state intact.
+
+Nothing here unpickles: only safetensors, JSON, and ``torch.load(weights_only=True)`` for
+plain state dicts that users bring (timm / torchvision ``.pth``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher
+
+FORMAT = "fkd_ssl.model"
+STATE_FORMAT = "fkd_ssl.state"
+VERSION = 1
+_META_KEY = "fkd_ssl"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={_META_KEY: json.dumps(meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors and embedded metadata of a safetensors file; CheckpointError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path} does not exist") from e
+    except Exception as e:  # safetensors raises its own error types for truncated / garbage files
+        raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({e})") from e
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata") from e
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------- model checkpoints
+
+
+def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors`` added if missing) + a ``.json`` sidecar."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    full = {"format": FORMAT, "version": VERSION, "model": model.spec.to_dict(), **(meta or {})}
+    state = {k: v for k, v in model.state_dict().items()}
+    _atomic_save(state, path, full)
+    side = path.with_suffix(".json")
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(full, indent=1, default=str))
+    os.replace(tmp, side)
+    return path
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 (first 16 hex digits) of a file: the identity caches and stores record."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def model_identity(ref: str) -> str:
+    """A stable identity for a model reference: a file digest, or the teacher's name."""
+    if ref in NAMED_TEACHERS:
+        return f"{ref}:{file_digest(__import__('fkd_ssl.models', fromlist=['x']).named_teacher_file(ref))}"
+    return file_digest(resolve_path(ref))
+
+
+def resolve_path(ref: str | os.PathLike) -> Path:
+    """Accept ``X``, ``X.safetensors`` or ``X.json`` and return the weight file."""
+    p = Path(ref)
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if not p.exists() and p.with_name(p.name + ".safetensors").exists():
+        p = p.with_name(p.name + ".safetensors")
+    if p.is_dir() and (p / "model.safetensors").exists():
+        p = p / "model.safetensors"
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {ref} does not exist")
+    return p
+
+
+def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        tensors, _ = _read(path)
+        return tensors
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read as a plain state dict ({e})") from e
+    for key in ("state_dict", "model"):  # common wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
+               expect: str | None = None) -> tuple[Encoder, dict]:
+    """Rebuild a model and its metadata from a reference.
+
+    ``ref`` is a project checkpoint (``.safetensors`` with embedded metadata, or its ``.json``),
+    a named teacher (``effnet-lite0/1/2``), or a plain timm / torchvision state dict
+    (``.safetensors`` or ``.pth``) together with ``arch`` (``tv:<name>`` for torchvision).
+    ``expect`` ("classifier" / "projector") checks the model has that part.
+    """
+    ref = str(ref)
+    if ref in NAMED_TEACHERS:
+        model, meta = load_named_teacher(ref), {"format": FORMAT, "method": "pretrained", "name": ref}
+        meta["model"] = model.spec.to_dict()
+    else:
+        path = resolve_path(ref)
+        tensors, meta = _read(path) if path.suffix == ".safetensors" else ({}, None)
+        if meta is not None and meta.get("format") == STATE_FORMAT:
+            raise CheckpointError(f"checkpoint {path} is a training state, not a model: pass the exported model "
+                                  f"(model.safetensors in the run folder)")
+        if meta is not None and meta.get("format") == FORMAT:
+            if meta.get("version", 0) > VERSION:
+                raise CheckpointError(f"checkpoint {path} has format version {meta['version']} (this fkd_ssl reads {VERSION})")
+            spec = ModelSpec.from_dict(meta["model"])
+            model = Encoder(spec)
+            try:
+                model.load_state_dict(tensors, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"checkpoint {path} does not match its own model spec: {str(e)[:300]}") from e
+        else:
+            if arch is None:
+                raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is with --arch")
+            sd = _plain_state_dict(path)
+            num_classes = 0
+            for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
+                if k in sd and sd[k].ndim == 2:
+                    num_classes = sd[k].shape[0]
+            spec = ModelSpec(arch=arch, num_classes=num_classes, extra={"source": str(path)})
+            model = Encoder(spec)
+            target = model.backbone.net.state_dict() if arch.startswith("tv:") else model.backbone.state_dict()
+            missing = set(target) - set(sd)
+            if missing:
+                raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
+            holder = model.backbone.net if arch.startswith("tv:") else model.backbone
+            if arch.startswith("tv:"):
+                # the final linear layer was moved out of the net into backbone.fc
+                head = model.backbone._head_name
+                sd = dict(sd)
+                fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
+                if num_classes:
+                    model.backbone.fc.load_state_dict(fc)
+            try:
+                holder.load_state_dict(sd, strict=not arch.startswith("tv:"))
+            except RuntimeError as e:
+                raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
+            meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+    if expect == "classifier" and model.spec.num_classes == 0:
+        raise CheckpointError(f"checkpoint {ref} has no classifier; a classifier teacher is needed here")
+    if expect == "projector" and model.projector is None:
+        raise CheckpointError(f"checkpoint {ref} has no projection head; use --target feature")
+    return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors / arrays in a nested structure by references; collect them."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "_"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = prefix or "_"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__ndarray__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"state keys must be str or int at {prefix}")
+        return {"__dict__": [[k, _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: str | os.PathLike, state: dict) -> None:
+    """Atomically write a nested dict of tensors / arrays / JSON values (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten(state, "", tensors)
+    # safetensors refuses tensors that share memory: store independent copies
+    seen: dict[int, str] = {}
+    for k, t in list(tensors.items()):
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen and ptr != -1:
+            tensors[k] = t.clone()
+        seen[ptr] = k
+    _atomic_save(tensors, Path(path), {"format": STATE_FORMAT, "version": VERSION, "state": structure})
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """Read a file written by :func:`save_state`."""
+    tensors, meta = _read(Path(path))
+    if not meta or meta.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a training state file")
+    return _unflatten(meta["state"], tensors)

@@ -1,0 +1,11 @@
+"""Datasets: the built-in synthetic set, ImageFolder trees and torchvision sets from local files."""
+
+from .datasets import (DEFAULT_DATA_ROOT, DataSpec, ImageFolderDataset, IndexedDataset, build_dataset,
+                       parse_spec)
+from .image_io import load_rgb, pil_to_uint8_tensor
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import SyntheticConfig, ensure_synthetic
+
+__all__ = ["DEFAULT_DATA_ROOT", "DataSpec", "ImageFolderDataset", "IndexedDataset", "build_dataset",
+           "parse_spec", "load_rgb", "pil_to_uint8_tensor", "SYNTHETIC_CLASSES", "SyntheticConfig",
+           "ensure_synthetic"]

@@ -1,0 +1,262 @@
+"""Indexed datasets: every item is ``(image, label, index)``.
+
+Datasets are built from a *spec* string, the value of ``--data`` on every script:
+
+==========================  ====================================================
+``synthetic[:k=v,...]``     the built-in generated set (options: train, val, size, seed)
+``imagefolder:PATH``        ImageNet layout: ``PATH/train/<class>/*``, ``PATH/val/<class>/*``
+``cifar10:ROOT``            torchvision CIFAR-10 from local files (``ROOT/cifar-10-batches-py``)
+``cifar100:ROOT``           torchvision CIFAR-100 (``ROOT/cifar-100-python``)
+``stl10:ROOT``              torchvision STL-10 (``ROOT/stl10_binary``); val is its test split
+==========================  ====================================================
+
+Each dataset has a stable :meth:`IndexedDataset.fingerprint` (a hash of its sorted relative
+paths and file sizes, or the torchvision split identity) that stores and caches record so
+they can refuse a mismatched dataset.  Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+from .image_io import IMAGE_EXTENSIONS, load_rgb
+from .synthetic import SyntheticConfig, ensure_synthetic
+
+SPLITS = ("train", "val")
+DEFAULT_DATA_ROOT = os.environ.get("FKD_SSL_DATA_ROOT", "~/.cache/fkd_ssl")
+
+
+class IndexedDataset:
+    """Base class: ``ds[i] -> (transform(image), label, i)`` with the image an RGB PIL image.
+
+    Subclasses set ``classes`` (names), ``targets`` (one int label per image) and implement
+    :meth:`load` and :meth:`_identity`.
+    """
+
+    classes: list[str]
+    targets: list[int]
+    name: str
+    split: str
+
+    def __init__(self, transform: Callable | None = None):
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load(self, index: int) -> Image.Image:
+        """The decoded RGB image ``index`` (no transform)."""
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:
+        """Where image ``index`` comes from (a path, or ``name[split][index]``)."""
+        return f"{self.name}[{self.split}][{index}]"
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        img = self.load(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index], index
+
+    def _identity(self) -> str:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A stable hex digest identifying this split's exact content and order."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256()
+            h.update(self._identity().encode())
+            h.update(("\n".join(self.classes)).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {"name": self.name, "split": self.split, "num_images": len(self),
+                "num_classes": self.num_classes, "fingerprint": self.fingerprint()}
+
+
+class ImageFolderDataset(IndexedDataset):
+    """``root/<class>/<image>`` with classes and files in sorted order (ImageNet layout).
+
+    Files whose extension is not an image extension are ignored (and counted in
+    ``ignored_files``); a class folder without images is an error naming it.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, name: str = "imagefolder",
+                 transform: Callable | None = None):
+        super().__init__(transform)
+        self.root = Path(root)
+        self.name, self.split = name, split
+        if not self.root.is_dir():
+            raise DataError(f"dataset folder {self.root} does not exist (expected {self.root}/<class>/<image files>)")
+        class_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not class_dirs:
+            raise DataError(f"dataset folder {self.root} has no class folders (expected {self.root}/<class>/<image files>)")
+        self.classes = class_dirs
+        self.samples: list[tuple[str, int]] = []
+        self.sizes: list[int] = []
+        self.ignored_files = 0
+        for label, c in enumerate(class_dirs):
+            n_before = len(self.samples)
+            for dirpath, dirnames, filenames in os.walk(self.root / c, followlinks=True):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    if fn.lower().endswith(IMAGE_EXTENSIONS):
+                        full = os.path.join(dirpath, fn)
+                        self.samples.append((os.path.relpath(full, self.root), label))
+                        self.sizes.append(os.path.getsize(full))
+                    else:
+                        self.ignored_files += 1
+            if len(self.samples) == n_before:
+                raise DataError(f"class folder {self.root / c} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.targets = [label for _, label in self.samples]
+
+    def path(self, index: int) -> Path:
+        return self.root / self.samples[index][0]
+
+    def source(self, index: int) -> str:
+        return str(self.path(index))
+
+    def load(self, index: int) -> Image.Image:
+        return load_rgb(self.path(index))
+
+    def _identity(self) -> str:
+        lines = [f"{rel}\t{size}" for (rel, _), size in zip(self.samples, self.sizes)]
+        return "imagefolder\n" + "\n".join(lines)
+
+
+class ArrayDataset(IndexedDataset):
+    """Images held as a uint8 array (N, H, W, 3) with labels: CIFAR, STL-10."""
+
+    def __init__(self, images: np.ndarray, targets, classes, name: str, split: str, identity: str,
+                 transform: Callable | None = None):
+        super().__init__(transform)
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.name, self.split, self._id = name, split, identity
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def _identity(self) -> str:
+        return self._id
+
+
+def _files_identity(folder: Path) -> str:
+    """Sorted names and sizes of the files torchvision reads for a split."""
+    if not folder.is_dir():
+        return ""
+    entries = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    return "\n".join(f"{n}\t{s}" for n, s in entries)
+
+
+def _torchvision_dataset(kind: str, root: Path, split: str) -> ArrayDataset:
+    import torchvision.datasets as tvd
+
+    folders = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
+    expected = root / folders[kind]
+    hint = {
+        "cifar10": "the CIFAR-10 python version (cifar-10-python.tar.gz) extracted",
+        "cifar100": "the CIFAR-100 python version (cifar-100-python.tar.gz) extracted",
+        "stl10": "the STL-10 binary version (stl10_binary.tar.gz) extracted",
+    }[kind]
+    if not expected.is_dir():
+        raise DataError(f"{kind} files not found: expected {expected}/ ({hint} into {root}); nothing is downloaded")
+    try:
+        if kind == "stl10":
+            ds = tvd.STL10(str(root), split="train" if split == "train" else "test", download=False)
+            images = np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1))
+            targets, classes = ds.labels, ds.classes
+        else:
+            # torchvision checks the md5 of every batch file against the official release before
+            # it unpickles it, so only the official files are ever deserialised.
+            cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+            ds = cls(str(root), train=split == "train", download=False)
+            images, targets, classes = ds.data, ds.targets, ds.classes
+    except RuntimeError as e:
+        raise DataError(f"{kind} files under {expected} are missing or corrupt ({e}); put {hint} into {root}") from e
+    identity = f"{kind}:{split}:{len(targets)}\n" + _files_identity(expected)
+    return ArrayDataset(images, targets, classes, kind, split, identity)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value."""
+
+    kind: str
+    path: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if self.kind == "synthetic":
+            opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+            return "synthetic" + (f":{opts}" if opts else "")
+        return f"{self.kind}:{self.path}"
+
+
+KINDS = ("synthetic", "imagefolder", "cifar10", "cifar100", "stl10")
+
+
+def parse_spec(spec: str) -> DataSpec:
+    """Parse a ``--data`` value (see the module docstring); raises DataError if malformed."""
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise DataError(f"--data {spec!r}: unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind == "synthetic":
+        options = {}
+        for item in filter(None, rest.split(",")):
+            k, eq, v = item.partition("=")
+            if not eq or k not in SyntheticConfig.__dataclass_fields__:
+                raise DataError(f"--data {spec!r}: bad synthetic option {item!r} "
+                                f"(options: {', '.join(SyntheticConfig.__dataclass_fields__)})")
+            try:
+                options[k] = int(v)
+            except ValueError as e:
+                raise DataError(f"--data {spec!r}: synthetic option {k} must be an integer, got {v!r}") from e
+        return DataSpec("synthetic", None, options)
+    if not rest:
+        raise DataError(f"--data {spec!r}: {kind} needs a path, as in {kind}:/path/to/data")
+    return DataSpec(kind, rest)
+
+
+def build_dataset(spec: str | DataSpec, split: str = "train", root: str | os.PathLike | None = None,
+                  transform: Callable | None = None, verbose: bool = True) -> IndexedDataset:
+    """Build the ``split`` ("train" or "val") of the dataset named by ``spec``.
+
+    ``root`` (``--data-root``) is where generated data is cached; it defaults to
+    ``$FKD_SSL_DATA_ROOT`` or ``~/.cache/fkd_ssl``.  The synthetic set is generated on first use.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.kind == "synthetic":
+        folder = ensure_synthetic(Path(root or DEFAULT_DATA_ROOT), SyntheticConfig(**s.options), verbose=verbose)
+        ds: IndexedDataset = ImageFolderDataset(folder / split, split, name=str(s))
+    elif s.kind == "imagefolder":
+        base = Path(s.path).expanduser()
+        if not base.is_dir():
+            raise DataError(f"--data {s}: folder {base} does not exist (expected {base}/train/<class>/... and {base}/val/<class>/...)")
+        if not (base / split).is_dir():
+            raise DataError(f"--data {s}: split folder {base / split} is missing (expected {base}/{split}/<class>/<images>)")
+        ds = ImageFolderDataset(base / split, split, name=str(s))
+    else:
+        ds = _torchvision_dataset(s.kind, Path(s.path).expanduser(), split)
+        ds.name = str(s)
+    if len(ds) == 0:
+        raise DataError(f"--data {s}: split {split} is empty")
+    ds.transform = transform
+    return ds

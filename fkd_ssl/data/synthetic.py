@@ -1,0 +1,257 @@
+"""The built-in ``synthetic`` dataset: seeded, procedurally drawn shapes in clutter.
+
+Ten shape classes (circle, ring, crescent, triangle, square, star, cross, arrow, L, hourglass)
+are drawn with a random colour or texture, size, position and rotation on a cluttered
+background (colour gradient, low-frequency noise, random lines and small blobs).  The class
+is the *shape* alone: colour, position, scale, rotation and background are nuisance factors,
+so nearest neighbours on raw pixels do poorly while an encoder that learned shape features
+does well.
+
+Images are written once as JPEG files in ImageFolder layout::
+
+    <root>/synthetic-v1-<options>/train/<class>/<index>.jpg
+    <root>/synthetic-v1-<options>/val/<class>/<index>.jpg
+    <root>/synthetic-v1-<options>/manifest.json
+
+Generation writes into a temporary folder that is renamed into place at the end, so a killed
+generation never leaves a half-written dataset behind, and a finished one is reused.
+Each image is a pure function of ``(seed, split, index)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from ..errors import DataError
+
+CLASSES = (
+    "circle",
+    "ring",
+    "crescent",
+    "triangle",
+    "square",
+    "star",
+    "cross",
+    "arrow",
+    "ell",
+    "hourglass",
+)
+
+FORMAT_VERSION = 1
+_SPLIT_CODES = {"train": 1, "val": 2}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Parameters of the generated set; all of them are part of its identity."""
+
+    train: int = 5000  # train images (spread evenly over the classes)
+    val: int = 1000  # val images
+    size: int = 96  # image side in pixels
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "size"):
+            if getattr(self, name) <= 0:
+                raise DataError(f"synthetic dataset option {name}={getattr(self, name)} must be > 0")
+        if self.size < 16:
+            raise DataError(f"synthetic dataset option size={self.size} must be >= 16")
+
+    @property
+    def dirname(self) -> str:
+        return f"synthetic-v{FORMAT_VERSION}-n{self.train}-{self.val}-s{self.size}-seed{self.seed}"
+
+
+# ---------------------------------------------------------------- shapes (unit coordinates)
+
+
+def _regular(n: int, r: float = 1.0, phase: float = 0.0) -> np.ndarray:
+    t = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def _star(points: int = 5, outer: float = 1.0, inner: float = 0.42) -> np.ndarray:
+    t = -math.pi / 2 + math.pi * np.arange(2 * points) / points
+    r = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+def _shape_parts(name: str) -> list[tuple[np.ndarray, bool]]:
+    """Polygons of a shape as (points, filled); unfilled parts are cut out of the mask."""
+    if name == "circle":
+        return [(_regular(64), True)]
+    if name == "ring":
+        return [(_regular(64), True), (_regular(64, 0.55), False)]
+    if name == "crescent":
+        return [(_regular(64), True), (_regular(64, 0.85) + [0.45, -0.1], False)]
+    if name == "triangle":
+        return [(_regular(3, 1.0, -math.pi / 2), True)]
+    if name == "square":
+        return [(_rect(-0.78, -0.78, 0.78, 0.78), True)]
+    if name == "star":
+        return [(_star(), True)]
+    if name == "cross":
+        return [(_rect(-1, -0.2, 1, 0.2), True), (_rect(-0.2, -1, 0.2, 1), True)]
+    if name == "arrow":
+        head = np.array([[0.15, -0.65], [1.0, 0.0], [0.15, 0.65]])
+        return [(_rect(-1, -0.2, 0.2, 0.2), True), (head, True)]
+    if name == "ell":
+        return [(np.array([[-0.7, -1], [-0.25, -1], [-0.25, 0.55], [0.7, 0.55], [0.7, 1], [-0.7, 1]]), True)]
+    if name == "hourglass":
+        return [(np.array([[-0.75, -1], [0.75, -1], [0, 0]]), True), (np.array([[-0.75, 1], [0.75, 1], [0, 0]]), True)]
+    raise ValueError(name)
+
+
+_PARTS = {name: _shape_parts(name) for name in CLASSES}
+
+# ---------------------------------------------------------------- rendering
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    """A random RGB colour in [0, 1], saturated or not, bright or dark."""
+    h = rng.random()
+    s = rng.uniform(0.2, 1.0)
+    v = rng.uniform(0.25, 1.0)
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1], shape (size, size)."""
+    small = rng.uniform(-1, 1, size=(cells, cells)).astype(np.float32)
+    img = Image.fromarray(((small + 1) * 127.5).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Cluttered background, float32 (size, size, 3) in [0, 1]."""
+    c0, c1 = _random_colour(rng), _random_colour(rng)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
+    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
+    bg = c0[None, None] * (1 - ramp[..., None]) + c1[None, None] * ramp[..., None]
+    noise = _smooth_noise(rng, size, int(rng.integers(3, 12)))
+    bg = bg + rng.uniform(0.05, 0.25) * noise[..., None] * _random_colour(rng)[None, None]
+    bg = bg + rng.normal(0, rng.uniform(0.0, 0.06), size=bg.shape)
+    return np.clip(bg, 0, 1).astype(np.float32)
+
+
+def _fill(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Foreground fill: a solid colour, stripes or a noisy texture; (size, size, 3)."""
+    kind = rng.integers(3)
+    c0 = _random_colour(rng)
+    if kind == 0:
+        return np.broadcast_to(c0, (size, size, 3)).astype(np.float32)
+    c1 = _random_colour(rng)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == 1:
+        angle = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 12)
+        w = (np.sin(2 * math.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period) > 0).astype(np.float32)
+    else:
+        w = (_smooth_noise(rng, size, int(rng.integers(6, 20))) + 1) / 2
+    return (c0[None, None] * w[..., None] + c1[None, None] * (1 - w[..., None])).astype(np.float32)
+
+
+def _draw_polygons(draw: ImageDraw.ImageDraw, parts, centre, radius, angle, scale2x) -> None:
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    for pts, filled in parts:
+        xy = (pts @ rot.T) * radius + centre
+        draw.polygon([(float(x) * scale2x, float(y) * scale2x) for x, y in xy], fill=255 if filled else 0)
+
+
+def render(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Draw one image of class ``label``; returns uint8 (size, size, 3)."""
+    img = _background(rng, size)
+    ss = 2  # supersampling for smooth edges
+    # clutter: thin lines and small blobs of random colours
+    for _ in range(int(rng.integers(2, 7))):
+        mask = Image.new("L", (size * ss, size * ss), 0)
+        d = ImageDraw.Draw(mask)
+        if rng.random() < 0.6:
+            p = rng.uniform(0, size * ss, size=4)
+            d.line([(p[0], p[1]), (p[2], p[3])], fill=255, width=int(rng.integers(1, 2 * ss + 1)))
+        else:
+            blob = _regular(int(rng.integers(3, 8)), 1.0, rng.uniform(0, math.pi))
+            blob = blob * rng.uniform(0.5, 1.0, size=(len(blob), 1))
+            _draw_polygons(d, [(blob, True)], rng.uniform(0, size, size=2), rng.uniform(0.03, 0.08) * size, 0.0, ss)
+        m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255
+        img = img * (1 - m) + _random_colour(rng)[None, None] * m
+    # the object
+    radius = rng.uniform(0.22, 0.40) * size
+    centre = rng.uniform(radius * 0.8, size - radius * 0.8, size=2)
+    mask = Image.new("L", (size * ss, size * ss), 0)
+    _draw_polygons(ImageDraw.Draw(mask), _PARTS[CLASSES[label]], centre, radius, rng.uniform(0, 2 * math.pi), ss)
+    if rng.random() < 0.5:  # an outline in another colour, sometimes
+        mask = mask.filter(ImageFilter.MaxFilter(3))
+    m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255
+    img = img * (1 - m) + _fill(rng, size) * m
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SPLIT_CODES[split], index])
+
+
+def label_of(index: int, num_classes: int = len(CLASSES)) -> int:
+    """Classes are balanced: image ``index`` has class ``index % num_classes``."""
+    return index % num_classes
+
+
+def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) -> None:
+    for c in CLASSES:
+        (out / split / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label = label_of(i)
+        arr = render(label, _image_rng(cfg.seed, split, i), cfg.size)
+        Image.fromarray(arr).save(out / split / CLASSES[label] / f"{i:06d}.jpg", quality=90)
+        progress.update(1)
+
+
+def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), verbose: bool = True) -> Path:
+    """Return the folder of the generated dataset, generating it first if needed."""
+    from ..progress import bar
+
+    root = Path(root).expanduser()
+    final = root / cfg.dirname
+    if (final / "manifest.json").is_file():
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data root {root} (--data-root): {e.strerror}") from e
+    if not os.access(root, os.W_OK):
+        raise DataError(f"the data root {root} (--data-root) is not writable")
+    tmp = root / f".{cfg.dirname}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    with bar(cfg.train + cfg.val, f"generating {cfg.dirname}", "img", enabled=verbose) as pbar:
+        _write_split(tmp, "train", cfg.train, cfg, pbar)
+        _write_split(tmp, "val", cfg.val, cfg, pbar)
+    manifest = {"format": "fkd_ssl.synthetic", "version": FORMAT_VERSION, "config": asdict(cfg),
+                "classes": list(CLASSES), "seconds": round(time.time() - t0, 2)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "manifest.json").is_file():
+            raise
+    return final
