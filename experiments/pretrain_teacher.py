@@ -1,0 +1,91 @@
+"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data.
+
+With no arguments it trains a MoCo v2 ResNet-18 on the built-in synthetic set on CPU in about
+ten minutes and writes ``runs/teacher-synthetic/model.safetensors``.  Rerunning the same
+command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py ...`` trains with DDP.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fkd_ssl import cli
+from fkd_ssl import dist as fdist
+from fkd_ssl.data import build_dataset
+from fkd_ssl.engine import OptimConfig, TrainConfig, train
+from fkd_ssl.models import STEMS, Encoder, ModelSpec
+from fkd_ssl.ssl import METHODS, MoCo, SimSiam
+from fkd_ssl.views import RandomViewsDataset, ViewConfig
+
+#: settings that define a run: changing one needs another --out
+IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "epochs", "batch_size", "seed", "queue_size",
+            "temperature", "momentum", "proj_dim", "proj_hidden", "optimizer", "lr", "weight_decay", "warmup_epochs")
+
+
+def default_out(data: str) -> Path:
+    """Where the teacher for ``--data`` lives unless ``--out`` says otherwise (gen_targets looks here)."""
+    return Path("runs") / f"teacher-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', data).strip('_')}"
+
+
+def parse(argv=None):
+    p = cli.parser(__doc__)
+    cli.add_common_args(p, epochs=45, batch_size=128, workers=1, arch="resnet18")
+    p.add_argument("--method", choices=METHODS, default="moco")
+    p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
+    p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=64, help="training crop side (px)")
+    p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.2, help="RandomResizedCrop min scale")
+    p.add_argument("--queue-size", type=cli.positive_int("--queue-size"), default=4096, help="MoCo queue length")
+    p.add_argument("--temperature", type=cli.positive_float("--temperature"), default=0.2)
+    p.add_argument("--momentum", type=cli.positive_float("--momentum"), default=0.99, help="MoCo key-encoder EMA (start)")
+    p.add_argument("--proj-dim", type=cli.positive_int("--proj-dim"), default=128)
+    p.add_argument("--proj-hidden", type=cli.positive_int("--proj-hidden"), default=512)
+    p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default="sgd")
+    p.add_argument("--lr", type=cli.positive_float("--lr"), default=0.06, help="for a global batch of 256")
+    p.add_argument("--weight-decay", type=cli.nonneg_float("--weight-decay"), default=5e-4)
+    p.add_argument("--warmup-epochs", type=cli.nonneg_float("--warmup-epochs"), default=2.0)
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--max-minutes", type=cli.nonneg_float("--max-minutes"), default=0.0,
+                   help="stop after this much training time (0: no limit)")
+    args = p.parse_args(argv)
+    if args.crop_min > 1:
+        p.error(f"--crop-min must be <= 1, got {args.crop_min}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    ctx = fdist.setup(args.device)
+    try:
+        out = cli.prepare_out_dir(args.out or default_out(args.data))
+        config = cli.save_run_config(out, vars(args) | {"out": str(out)}, IDENTITY, ctx.is_main)
+        with fdist.main_first(ctx):
+            train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
+        spec = ModelSpec(arch=args.arch, stem=args.stem, head="moco" if args.method == "moco" else "simsiam",
+                         head_hidden=args.proj_hidden, head_out=args.proj_dim,
+                         predictor_hidden=args.proj_hidden // 2 if args.method == "simsiam" else 0,
+                         input_size=args.input_size)
+        channels_last = ctx.device.type == "cuda"
+        encoder = Encoder(spec)
+        if args.method == "moco":
+            task = MoCo(encoder, args.queue_size, args.temperature, args.momentum, channels_last, ctx.distributed)
+        else:
+            task = SimSiam(encoder, channels_last)
+        views = ViewConfig(size=args.input_size, scale=(args.crop_min, 1.0))
+        dataset = RandomViewsDataset(train_set, views, args.seed, n_views=2)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+                          optim=OptimConfig(args.optimizer, args.lr, args.weight_decay, 0.9, args.warmup_epochs),
+                          amp=not args.no_amp, max_minutes=args.max_minutes)
+        meta = {"method": args.method, "kind": "ssl_teacher", "dataset": train_set.describe(),
+                "views": views.to_dict(), "config": config, "git_sha": config["git_sha"]}
+        result = train(task, dataset, range(len(train_set)), cfg, ctx, out, meta, desc=f"{args.method} {args.arch}")
+        if ctx.is_main:
+            print(f"teacher: {result.model_path} ({result.epochs_done} epochs, {result.train_seconds / 60:.1f} min, "
+                  f"{result.images_per_s:.0f} img/s)", flush=True)
+    finally:
+        fdist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,149 @@
+"""The shared command-line vocabulary, run config and error handling of every script.
+
+Every script speaks the same flags where they apply (``--data``, ``--data-root``, ``--out``,
+``--epochs``, ``--batch-size``, ``--workers``, ``--device``, ``--seed``, ``--arch``); there is
+no ``--resume``: rerunning a command resumes it.  :func:`run_main` turns user errors
+(:class:`~fkd_ssl.errors.FKDError`) into a one-line ``error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .errors import ConfigError, FKDError
+
+COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
+
+
+def _typed(kind: type, minimum: float | None, flag: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects {kind.__name__}, got {text!r}") from None
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {text}")
+        return v
+    return parse
+
+
+def positive_int(flag: str):
+    """argparse type: an int >= 1 (message names the flag)."""
+    return _typed(int, 1, flag)
+
+
+def nonneg_int(flag: str):
+    return _typed(int, 0, flag)
+
+
+def positive_float(flag: str):
+    return _typed(float, 1e-300, flag)
+
+
+def nonneg_float(flag: str):
+    return _typed(float, 0.0, flag)
+
+
+def add_common_args(p: argparse.ArgumentParser, which: Iterable[str] = COMMON, **defaults) -> argparse.ArgumentParser:
+    """Add the shared flags named in ``which``; ``defaults`` overrides their default values."""
+    from .data.datasets import DEFAULT_DATA_ROOT
+
+    spec = {
+        "data": (("--data",), dict(default="synthetic", help="dataset spec: synthetic[:k=v,..], imagefolder:PATH, cifar10:ROOT, cifar100:ROOT, stl10:ROOT")),
+        "data_root": (("--data-root",), dict(default=DEFAULT_DATA_ROOT, help="where generated data and caches live")),
+        "out": (("--out",), dict(default=None, help="output folder (rerunning the same command resumes it)")),
+        "epochs": (("--epochs",), dict(type=positive_int("--epochs"), default=10)),
+        "batch_size": (("--batch-size",), dict(type=positive_int("--batch-size"), default=256, help="per process")),
+        "workers": (("--workers",), dict(type=nonneg_int("--workers"), default=2, help="DataLoader worker processes")),
+        "device": (("--device",), dict(default="auto", choices=("auto", "cpu", "cuda"))),
+        "seed": (("--seed",), dict(type=nonneg_int("--seed"), default=0)),
+        "arch": (("--arch",), dict(default="resnet18", help="timm model name, or tv:<name> for torchvision")),
+    }
+    for name in which:
+        flags, kw = spec[name]
+        if name in defaults:
+            kw = {**kw, "default": defaults[name]}
+        p.add_argument(*flags, **kw)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run a script's ``main``; user errors print one line and exit 2 (no traceback)."""
+    try:
+        code = main(argv)
+    except FKDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def git_sha() -> str:
+    """The project's git commit (``+dirty`` if modified), or ``unknown`` outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip()[:12] + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output folder; ConfigError naming the flag if it is a file or not writable."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create it ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path} is not writable")
+    return path
+
+
+def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_main: bool = True) -> dict:
+    """Print the resolved config and write ``config.json``; refuse a run folder made by another config.
+
+    ``identity_keys`` are the settings that define the run (a rerun with other values would not
+    resume the same run); the others (workers, device, ...) may change between reruns.
+    """
+    config = {**config, "git_sha": git_sha(), "command": " ".join(sys.argv)}
+    path = out / "config.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is corrupt; remove it or use another --out") from e
+        diff = [k for k in identity_keys if old.get(k) != config.get(k)]
+        if diff:
+            pairs = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise ConfigError(f"--out {out} holds a run with other settings ({pairs}); use another --out")
+    if is_main:
+        print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
+        tmp = path.with_name("config.json.tmp")
+        tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    return config

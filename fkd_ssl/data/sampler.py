@@ -1,0 +1,63 @@
+"""Deterministic, resumable, rank-aware batch sampling.
+
+:class:`EpochBatchSampler` yields batches of *keys* ``(index, epoch)`` for every remaining
+epoch of a run, so a single DataLoader (with persistent workers) serves the whole run and a
+dataset can derive per-epoch randomness (which views to use) from the key alone.  The order
+of epoch ``e`` is a permutation seeded by ``(seed, e)``; under ``world`` ranks each global batch
+of ``batch_size * world`` keys is split into contiguous per-rank slices, so the union of the
+ranks' batches equals the single-process run with the global batch size.  Resuming at
+``(start_epoch, start_batch)`` yields exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class EpochBatchSampler(Sampler):
+    def __init__(self, indices: Sequence[int], batch_size: int, epochs: int, seed: int = 0, rank: int = 0,
+                 world: int = 1, start_epoch: int = 0, start_batch: int = 0, shuffle: bool = True,
+                 drop_last: bool = True):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
+        self.rank, self.world = rank, world
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.shuffle, self.drop_last = shuffle, drop_last
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.indices)} images cannot fill one batch of {batch_size} x {world} processes; "
+                             f"lower --batch-size")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.indices)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """All indices in epoch ``epoch``'s order."""
+        if not self.shuffle:
+            return self.indices
+        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        return self.indices[rng.permutation(len(self.indices))]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
+        order = self.order(epoch)
+        for b in range(start, self.steps_per_epoch):
+            chunk = order[b * self.global_batch:(b + 1) * self.global_batch]
+            per = -(-len(chunk) // self.world)
+            mine = chunk[self.rank * per:(self.rank + 1) * per]
+            if len(mine):
+                yield [(int(i), epoch) for i in mine]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for e in range(self.start_epoch, self.epochs):
+            yield from self.batches(e, self.start_batch if e == self.start_epoch else 0)
+
+    def __len__(self) -> int:
+        return max(0, (self.epochs - self.start_epoch) * self.steps_per_epoch - self.start_batch)

@@ -1,0 +1,212 @@
+"""Sample and replay random views (crops + photometric augmentation) exactly.
+
+A view of image ``i`` in slot ``r`` is described by a parameter vector (``VIEW_PARAM_DIM``
+float32 values, fields in :data:`PARAM_FIELDS`) that is a pure function of
+``(seed, i, r)`` and the image size — the same whatever the worker count, rank count or
+order.  :func:`render_view` turns a decoded image and a parameter vector into exactly the
+pixels the teacher saw (bit-identical on CPU), so a student can replay a stored view.
+
+The augmentation recipe is the MoCo v2 one (RandomResizedCrop, horizontal flip, colour jitter
+applied with p=0.8 in random order, grayscale p=0.2, Gaussian blur p=0.5, optional solarize),
+the same distribution lightly's ``MoCoV2Transform`` samples from, but with every random draw
+made explicit so it can be stored and replayed.  For supervised FKD only the geometry is used
+(``photometric=False``), as in the published FKD soft labels.
+
+Pixels stay uint8 through cropping, resizing and the photometric ops; normalisation to float
+happens once per batch (:func:`normalize`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from itertools import permutations
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .errors import ConfigError
+
+#: Fields of a view's parameter vector (all float32).
+PARAM_FIELDS = ("y", "x", "h", "w", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
+                "order", "gray", "blur_sigma", "solarize")
+VIEW_PARAM_DIM = len(PARAM_FIELDS)
+_IDX = {name: k for k, name in enumerate(PARAM_FIELDS)}
+_ORDERS = list(permutations(range(4)))  # 24 orders of (brightness, contrast, saturation, hue)
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+           "nearest": InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The view distribution; saved in stores and run configs (it is part of their identity)."""
+
+    size: int = 64  # output side in pixels
+    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
+    hflip: float = 0.5
+    photometric: bool = True  # False: geometry only (supervised FKD)
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ConfigError(f"view size must be > 0, got {self.size}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if self.interpolation not in _INTERP:
+            raise ConfigError(f"interpolation {self.interpolation!r}: one of {', '.join(_INTERP)}")
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
+        object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _crop_box(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w) in pixels."""
+    area = height * width
+    log_ratio = (math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(cfg.scale[0], cfg.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # fallback: the central crop with the aspect ratio clamped into range
+    in_ratio = width / height
+    if in_ratio < cfg.ratio[0]:
+        w, h = width, int(round(width / cfg.ratio[0]))
+    elif in_ratio > cfg.ratio[1]:
+        h, w = height, int(round(height * cfg.ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
+    """Parameters of view ``slot`` of image ``image`` (an ``(VIEW_PARAM_DIM,)`` float32 array).
+
+    A pure function of ``(seed, image, slot)`` and the image size.
+    """
+    rng = np.random.default_rng([int(seed), int(image), int(slot)])
+    p = np.zeros(VIEW_PARAM_DIM, dtype=np.float32)
+    top, left, h, w = _crop_box(rng, height, width, cfg)
+    p[0:4] = (top / height, left / width, h / height, w / width)
+    p[_IDX["flip"]] = float(rng.random() < cfg.hflip)
+    if cfg.photometric:
+        if rng.random() < cfg.jitter_p:
+            p[_IDX["jitter"]] = 1.0
+            p[_IDX["brightness"]] = rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
+            p[_IDX["contrast"]] = rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
+            p[_IDX["saturation"]] = rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
+            p[_IDX["hue"]] = rng.uniform(-cfg.hue, cfg.hue)
+            p[_IDX["order"]] = float(rng.integers(len(_ORDERS)))
+        p[_IDX["gray"]] = float(rng.random() < cfg.gray_p)
+        if rng.random() < cfg.blur_p:
+            p[_IDX["blur_sigma"]] = rng.uniform(*cfg.blur_sigma)
+        p[_IDX["solarize"]] = float(rng.random() < cfg.solarize_p)
+    return p
+
+
+def sample_views(cfg: ViewConfig, seed: int, image: int, slots, height: int, width: int) -> np.ndarray:
+    """Parameters of several slots of one image: ``(len(slots), VIEW_PARAM_DIM)`` float32."""
+    return np.stack([sample_view(cfg, seed, image, r, height, width) for r in slots])
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def crop_pixels(p: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """The integer pixel box (top, left, h, w) a parameter vector's fractions stand for."""
+    top = int(round(float(p[0]) * height))
+    left = int(round(float(p[1]) * width))
+    h = max(1, int(round(float(p[2]) * height)))
+    w = max(1, int(round(float(p[3]) * width)))
+    return top, left, min(h, height - top), min(w, width - left)
+
+
+def render_view(img: torch.Tensor, p: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
+    """Replay one view: uint8 ``(3, H, W)`` image + parameters -> uint8 ``(3, S, S)`` view."""
+    _, height, width = img.shape
+    top, left, h, w = crop_pixels(p, height, width)
+    out = F.resized_crop(img, top, left, h, w, [cfg.size, cfg.size], interpolation=_INTERP[cfg.interpolation],
+                         antialias=True)
+    if p[_IDX["flip"]] > 0.5:
+        out = F.horizontal_flip(out)
+    if p[_IDX["jitter"]] > 0.5:
+        ops = (
+            lambda t: F.adjust_brightness(t, float(p[_IDX["brightness"]])),
+            lambda t: F.adjust_contrast(t, float(p[_IDX["contrast"]])),
+            lambda t: F.adjust_saturation(t, float(p[_IDX["saturation"]])),
+            lambda t: F.adjust_hue(t, float(p[_IDX["hue"]])),
+        )
+        for k in _ORDERS[int(p[_IDX["order"]])]:
+            out = ops[k](out)
+    if p[_IDX["gray"]] > 0.5:
+        out = F.rgb_to_grayscale(out, num_output_channels=3)
+    sigma = float(p[_IDX["blur_sigma"]])
+    if sigma > 0:
+        k = min(2 * math.ceil(3 * sigma) + 1, cfg.size - (1 - cfg.size % 2))
+        out = F.gaussian_blur(out, [k, k], [sigma, sigma])
+    if p[_IDX["solarize"]] > 0.5:
+        out = F.solarize(out, 128)
+    return out.contiguous()
+
+
+def render_views(img: torch.Tensor, params: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
+    """Replay several views of one decoded image: ``(V, P)`` params -> uint8 ``(V, 3, S, S)``."""
+    return torch.stack([render_view(img, p, cfg) for p in params])
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``(B, 3, S, S)`` -> float32 normalised with per-channel ``mean`` / ``std`` (0–1 scale)."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (x.float() - m) / s
+
+
+class RandomViewsDataset(torch.utils.data.Dataset):
+    """Fresh random views for online training: key ``(i, epoch)`` -> views of image ``i``.
+
+    Returns ``(uint8 (n_views, 3, S, S), label, i)``; view ``v`` uses slot
+    ``epoch * n_views + v``, so every epoch sees new views and the result is a pure function
+    of ``(seed, i, epoch)`` — independent of workers, ranks and resumption.
+    """
+
+    def __init__(self, base, cfg: ViewConfig, seed: int, n_views: int = 2):
+        self.base, self.cfg, self.seed, self.n_views = base, cfg, seed, n_views
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        from .data.image_io import pil_to_uint8_tensor
+
+        i, epoch = key
+        img = pil_to_uint8_tensor(self.base.load(i))
+        _, h, w = img.shape
+        params = sample_views(self.cfg, self.seed, i, range(epoch * self.n_views, (epoch + 1) * self.n_views), h, w)
+        return render_views(img, params, self.cfg), self.base.targets[i], i
