@@ -7,9 +7,6 @@ command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py .
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 from fkd_ssl import cli
 from fkd_ssl import dist as fdist
 from fkd_ssl.data import build_dataset
@@ -21,11 +18,6 @@ from fkd_ssl.views import RandomViewsDataset, ViewConfig
 #: settings that define a run: changing one needs another --out
 IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "epochs", "batch_size", "seed", "queue_size",
             "temperature", "momentum", "proj_dim", "proj_hidden", "optimizer", "lr", "weight_decay", "warmup_epochs")
-
-
-def default_out(data: str) -> Path:
-    """Where the teacher for ``--data`` lives unless ``--out`` says otherwise (gen_targets looks here)."""
-    return Path("runs") / f"teacher-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', data).strip('_')}"
 
 
 def parse(argv=None):
@@ -57,7 +49,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     ctx = fdist.setup(args.device)
     try:
-        out = cli.prepare_out_dir(args.out or default_out(args.data))
+        out = cli.prepare_out_dir(args.out or cli.default_run_dir("teacher", args.data))
         config = cli.save_run_config(out, vars(args) | {"out": str(out)}, IDENTITY, ctx.is_main)
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,16 @@ def git_sha() -> str:
         return sha.stdout.strip()[:12] + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def default_run_dir(kind: str, data: str, *parts: str) -> Path:
+    """``runs/<kind>-<data>[-<parts>]``: where a script writes unless ``--out`` says otherwise.
+
+    Later steps find earlier outputs here (gen_targets finds the teacher pretrain_teacher wrote
+    for the same ``--data``).
+    """
+    slug = "-".join(re.sub(r"[^A-Za-z0-9_.=-]+", "_", t).strip("_") for t in (data, *parts))
+    return Path("runs") / f"{kind}-{slug}"
 
 
 def prepare_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:

@@ -1,0 +1,126 @@
+"""Run a teacher once over R views of every image and fill a target store.
+
+Work is cut into fixed *groups* of ``group`` consecutive images, aligned to shard starts.  A
+group's views always go through the teacher together (chunked into teacher batches of
+``batch_size`` views), whatever the worker count, rank count or how often the run was
+interrupted, so the floating-point results — and the finished store — are byte-identical
+between an uninterrupted run, a resumed one and a multi-process one.  A group with any
+image still missing is recomputed whole; already written records are rewritten with the
+same bytes.
+
+Unreadable images are recorded as skipped (path and reason) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data.datasets import IndexedDataset
+from .data.image_io import pil_to_uint8_tensor
+from .errors import DataError
+from .progress import bar
+from .store import StoreWriter
+from .teacher import TeacherTargets
+from .views import ViewConfig, render_views, sample_views
+
+
+class GroupViews(Dataset):
+    """Item ``g`` -> the rendered views of the images of group ``g``.
+
+    Returns a list of ``(index, views uint8 (R, 3, S, S) | None, params float32 (R, P) | None,
+    error: str | None)``.
+    """
+
+    def __init__(self, base: IndexedDataset, groups: list[np.ndarray], cfg: ViewConfig, seed: int, views: int):
+        self.base, self.groups, self.cfg, self.seed, self.views = base, groups, cfg, seed, views
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int):
+        out = []
+        for i in self.groups[g]:
+            i = int(i)
+            try:
+                img = pil_to_uint8_tensor(self.base.load(i))
+            except DataError as e:
+                out.append((i, None, None, str(e)))
+                continue
+            _, h, w = img.shape
+            params = sample_views(self.cfg, self.seed, i, range(self.views), h, w)
+            out.append((i, render_views(img, params, self.cfg), params, None))
+        return out
+
+
+def plan_groups(writer: StoreWriter, group: int) -> list[np.ndarray]:
+    """Groups (arrays of image indices) of this writer's shards that still have missing images."""
+    missing = set(writer.missing_images().tolist())
+    groups = []
+    for s in writer.shards:
+        start = s * writer.shard_size
+        stop = min(start + writer.shard_size, writer.num_images)
+        for g0 in range(start, stop, group):
+            members = np.arange(g0, min(g0 + group, stop), dtype=np.int64)
+            if any(int(i) in missing for i in members):
+                groups.append(members)
+    return groups
+
+
+@dataclass
+class GenStats:
+    images: int
+    views: int
+    skipped: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    @property
+    def views_per_s(self) -> float:
+        return self.views / max(self.seconds, 1e-9)
+
+
+def generate(teacher: TeacherTargets, base: IndexedDataset, writer: StoreWriter, cfg: ViewConfig, seed: int,
+             batch_size: int, workers: int, device: torch.device, group: int, amp: bool = True,
+             show_progress: bool = True) -> GenStats:
+    """Compute and write every missing record of ``writer``'s shards; returns throughput."""
+    R = writer.views_per_image
+    groups = plan_groups(writer, group)
+    loader = DataLoader(GroupViews(base, groups, cfg, seed, R), batch_size=None, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers > 0 else None)
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    n_img = n_views = n_skip = 0
+    t0 = time.time()
+    pbar = bar(sum(len(g) for g in groups), "teacher", "img", enabled=show_progress)
+    for items in loader:
+        good = [it for it in items if it[3] is None]
+        for i, _, _, err in items:
+            if err is not None:
+                writer.skip(i, base.source(i), err)
+                n_skip += 1
+        if good:
+            views = torch.cat([it[1] for it in good]).to(device, non_blocking=True)
+            outs = []
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and amp):
+                for c in range(0, len(views), batch_size):
+                    outs.append(teacher(views[c:c + batch_size]).float().cpu())
+            targets = torch.cat(outs).numpy().reshape(len(good), R, -1)
+            params = np.stack([it[2] for it in good]).astype(np.float32)
+            writer.write(np.array([it[0] for it in good]), params, targets)
+            n_img += len(good)
+            n_views += len(views)
+        pbar.update(len(items))
+        dt = max(time.time() - t0, 1e-9)
+        pbar.set_postfix(img_s=f"{n_img / dt:.1f}", views_s=f"{n_views / dt:.0f}", skipped=n_skip, refresh=False)
+    pbar.close()
+    return GenStats(n_img, n_views, n_skip, time.time() - t0)
+

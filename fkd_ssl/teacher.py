@@ -1,0 +1,96 @@
+"""Teachers as target functions: uint8 views in, the stored target out.
+
+:class:`TeacherTargets` wraps any :class:`~fkd_ssl.models.Encoder` (an SSL teacher from
+``pretrain_teacher.py``, a classifier, a named ImageNet teacher, a plain timm / torchvision
+model) and maps a batch of rendered views, uint8 ``(B, 3, S, S)``, to float32 targets
+``(B, D)``:
+
+* ``proj``    – the L2-normalised projection-head output (what FKD-SSL / S2-BNN distil from a
+  MoCo teacher; ``D`` = head dim);
+* ``feature`` – the L2-normalised pooled backbone feature (``D`` = feature dim);
+* ``probs``   – softmax(logits / temp) of a classifier (``D`` = number of classes).
+
+The same object computes targets ahead of time (``gen_targets.py``) and at every step for
+the online-teacher baseline, so both see exactly the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_model, model_identity
+from .errors import ConfigError
+from .models import Encoder
+from .views import normalize
+
+TARGET_KINDS = ("proj", "feature", "probs")
+
+
+def default_target(model: Encoder) -> str:
+    """``proj`` for SSL teachers with a head, ``probs`` for classifiers, else ``feature``."""
+    if model.projector is not None:
+        return "proj"
+    return "probs" if model.spec.num_classes > 0 else "feature"
+
+
+class TeacherTargets(nn.Module):
+    """A frozen teacher + target kind: uint8 ``(B, 3, S, S)`` -> float32 ``(B, dim)``."""
+
+    def __init__(self, model: Encoder, kind: str | None = None, temp: float = 1.0, channels_last: bool = False):
+        super().__init__()
+        kind = kind or default_target(model)
+        if kind not in TARGET_KINDS:
+            raise ConfigError(f"--target {kind!r}: one of {', '.join(TARGET_KINDS)}")
+        if kind == "proj" and model.projector is None:
+            raise ConfigError("--target proj: the teacher has no projection head (use --target feature)")
+        if kind == "probs" and model.spec.num_classes == 0:
+            raise ConfigError("--target probs: the teacher has no classifier (use --target feature)")
+        if temp <= 0:
+            raise ConfigError(f"--temp must be > 0, got {temp}")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.kind, self.temp, self.channels_last = kind, float(temp), channels_last
+
+    @property
+    def dim(self) -> int:
+        spec = self.model.spec
+        return {"proj": spec.head_out, "feature": self.model.feature_dim, "probs": spec.num_classes}[self.kind]
+
+    @property
+    def input_size(self) -> int:
+        return self.model.spec.input_size
+
+    def train(self, mode: bool = True) -> "TeacherTargets":  # a teacher never leaves eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        x = normalize(views, self.model.spec.mean, self.model.spec.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.kind == "proj":
+            out = F.normalize(self.model.project(x).float(), dim=1)
+        elif self.kind == "feature":
+            out = F.normalize(self.model.features(x).float(), dim=1)
+        else:
+            out = torch.softmax(self.model.logits(x).float() / self.temp, dim=1)
+        return out.float()
+
+
+def load_teacher(ref: str, arch: str | None = None, kind: str | None = None, temp: float = 1.0,
+                 device: torch.device | str = "cpu") -> tuple[TeacherTargets, dict]:
+    """Load a teacher reference (see :func:`fkd_ssl.checkpoint.load_model`) as a target function.
+
+    Returns the teacher and its identity (what a store records to refuse another teacher).
+    """
+    model, meta = load_model(ref, arch=arch, device=device)
+    dev = torch.device(device)
+    teacher = TeacherTargets(model, kind, temp, channels_last=dev.type == "cuda").to(dev)
+    identity = {"hash": model_identity(str(ref)), "arch": model.spec.arch,
+                "method": meta.get("method", "unknown"), "target": teacher.kind,
+                "temp": teacher.temp if teacher.kind == "probs" else None, "dim": teacher.dim,
+                "input_size": model.spec.input_size, "mean": list(model.spec.mean), "std": list(model.spec.std)}
+    return teacher, identity
