@@ -1,0 +1,237 @@
+"""On-disk layout of a target store: file names, the record dtype, atomic JSON and checksums.
+
+A store is one directory::
+
+    header.json                     written once at creation: what the store is (no volatile data)
+    codec.<key>-<sha16>.npy         trained codec state (e.g. pq centroids), if any
+    shard-00003.records.npy         structured array (n_in_shard, R): per view the geometry
+                                    ``params`` float32 (P,) followed by the codec's fields
+    shard-00003.done.npy            uint8 (n_in_shard,): 0 not written, 1 written, 2 skipped
+    shard-00003.skipped.json        [{"index", "path", "reason"}] of the shard's skipped images
+    shard-00003.sha256.json         when the shard is complete: bytes + sha256 of the three above
+    manifest.json                   written last (finalize): header + shards' checksums + skipped
+    log.jsonl                       volatile notes (time, host, pid, command); never checksummed
+
+Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+FORMAT = "fkd_ssl.target_store"
+VERSION = 1
+
+HEADER = "header.json"
+MANIFEST = "manifest.json"
+LOG = "log.jsonl"
+PARAMS_FIELD = "params"
+DONE_NOT, DONE_WRITTEN, DONE_SKIPPED = 0, 1, 2
+
+# every name a store writes (overwrite=True deletes exactly these, nothing else)
+_STORE_FILE = re.compile(
+    r"^(header\.json|manifest\.json|log\.jsonl|codec\.[A-Za-z0-9_-]+\.npy"
+    r"|shard-\d{5,}\.(records\.npy|done\.npy|skipped\.json|sha256\.json))(\.tmp[.\w-]*)?$"
+)
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+def records_file(s: int) -> str:
+    return f"{shard_name(s)}.records.npy"
+
+
+def done_file(s: int) -> str:
+    return f"{shard_name(s)}.done.npy"
+
+
+def skipped_file(s: int) -> str:
+    return f"{shard_name(s)}.skipped.json"
+
+
+def checksum_file(s: int) -> str:
+    return f"{shard_name(s)}.sha256.json"
+
+
+def codec_state_file(key: str) -> str:
+    return f"codec.{key}.npy"
+
+
+def num_shards(num_images: int, shard_size: int) -> int:
+    return -(-num_images // shard_size)
+
+
+def shard_range(s: int, num_images: int, shard_size: int) -> tuple[int, int]:
+    """Global image indices ``[start, stop)`` of shard ``s``."""
+    return s * shard_size, min((s + 1) * shard_size, num_images)
+
+
+def record_dtype(param_dim: int, fields: dict[str, tuple[str, tuple[int, ...]]]) -> np.dtype:
+    """One view's record: ``params`` float32 (P,) then the codec fields, packed (no padding)."""
+    if PARAMS_FIELD in fields:
+        raise ConfigError(f"codec field name {PARAMS_FIELD!r} is reserved for the geometry")
+    return np.dtype([(PARAMS_FIELD, "<f4", (param_dim,))] + [(k, dt, shape) for k, (dt, shape) in fields.items()])
+
+
+def dtype_to_json(dt: np.dtype) -> list:
+    return [[name, dt.fields[name][0].base.str, list(dt.fields[name][0].shape)] for name in dt.names]
+
+
+def is_store_file(name: str) -> bool:
+    return bool(_STORE_FILE.match(name))
+
+
+def is_tmp_file(name: str) -> bool:
+    """A temporary file left by a store write that was killed before its rename."""
+    return is_store_file(name) and ".tmp." in name
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}-{os.getpid()}")
+
+
+def canonical_json(obj: Any) -> str:
+    """The one text form of a JSON value the store writes (sorted keys, fixed indent)."""
+    return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+
+def normalise(obj: Any, what: str) -> Any:
+    """``obj`` as it will read back from JSON (tuples -> lists); ConfigError if not JSON-able."""
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} must be plain JSON (str/int/float/bool/None/list/dict): {e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes, exclusive: bool = False) -> bool:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
+
+    With ``exclusive`` the file is only created if absent (hard link, atomic on a shared
+    filesystem) and the return value says whether this call created it.
+    """
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links: create-if-absent, not race-free
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj: Any, exclusive: bool = False) -> bool:
+    return write_bytes_atomic(path, canonical_json(obj).encode(), exclusive=exclusive)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a store JSON file; DataError naming the file if missing or corrupt."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"store file {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"store file {path} is corrupt ({e})") from None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
+    """Full sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    """``{"bytes": size, "sha256": digest}`` of one file."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ (recursing into dicts)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            p = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(p)
+            else:
+                out.extend(diff_keys(old[k], new[k], p))
+        return out
+    return [] if old == new else [prefix or "(value)"]
+
+
+def get_dotted(obj: Any, dotted: str) -> Any:
+    """The value at a dotted path of nested dicts (as :func:`diff_keys` names it), or None."""
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def open_npy(path: Path, mode: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """Memory-map an existing ``.npy`` and check its dtype and shape (DataError naming the file
+    if it is missing, truncated or not what the store expects)."""
+    try:
+        mm = np.lib.format.open_memmap(path, mode=mode)
+    except FileNotFoundError:
+        raise DataError(f"store file {path} is missing") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"store file {path} is truncated or not a valid .npy array ({e})") from None
+    if mm.dtype != dtype or tuple(mm.shape) != tuple(shape):
+        raise DataError(f"store file {path} holds {mm.dtype} {mm.shape}, expected {dtype} {tuple(shape)}")
+    return mm
+
+
+def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Create a zero-filled ``.npy`` atomically (temporary name, then rename)."""
+    tmp = _tmp_name(path)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        mm.flush()
+        del mm
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+

@@ -1,0 +1,222 @@
+"""Reading a finished target store: random access to any (image, view) record.
+
+``TargetStore.open(path)`` reads ``manifest.json`` and checks, cheaply, that every shard's
+files exist with the recorded sizes (a truncated or missing array is a DataError naming it);
+:meth:`TargetStore.verify` recomputes every checksum.  Reads are vectorised over a batch of
+``(i, r)`` pairs and touch only those records.  Shard files are memory-mapped lazily, per
+process: the first access in a process (a forked DataLoader worker, a DDP rank) maps them
+afresh, so a store opened before ``fork`` is safe to use after it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ..errors import ConfigError, DataError
+from . import layout as L
+from .codec_files import load_codec, referenced_files
+from .codecs import Codec
+
+
+class TargetStore:
+    """A finished store opened for reading.  Create with :meth:`open`.
+
+    Attributes: ``manifest`` (dict), ``num_images`` N, ``views_per_image`` R, ``param_dim`` P,
+    ``target_dim`` D, ``codec``, ``skipped`` (frozenset of image indices), ``path``.
+    """
+
+    def __init__(self, path: Path, manifest: dict, codec: Codec):
+        self.path = path
+        self.manifest = manifest
+        self.codec = codec
+        self.num_images: int = manifest["num_images"]
+        self.views_per_image: int = manifest["views_per_image"]
+        self.param_dim: int = manifest["param_dim"]
+        self.target_dim: int = manifest["target_dim"]
+        self.shard_size: int = manifest["shard_size"]
+        self.num_shards: int = manifest["num_shards"]
+        self.identity: dict = manifest["identity"]
+        self.skipped_entries: list[dict] = list(manifest["skipped"])
+        self.skipped: frozenset[int] = frozenset(int(e["index"]) for e in self.skipped_entries)
+        self._skip_mask = np.zeros(self.num_images, dtype=bool)
+        self._skip_mask[list(self.skipped)] = True
+        self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
+        self._fields = [n for n in self.dtype.names if n != L.PARAMS_FIELD]
+        self._maps: dict[int, np.memmap] = {}
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ opening / checking
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False, expect_identity: dict | None = None) -> "TargetStore":
+        """Open the store at ``path``: manifest, format version, completeness, and that every
+        file exists with its recorded size.  ``verify=True`` also recomputes all checksums.
+        ``expect_identity``: keys the store's identity must have with these values (e.g. the
+        student's dataset fingerprint); ConfigError naming the differing keys otherwise."""
+        path = Path(path)
+        mpath = path / L.MANIFEST
+        if not path.is_dir():
+            raise DataError(f"target store {path} does not exist")
+        if not mpath.exists():
+            if (path / L.HEADER).exists():
+                S = L.read_json(path / L.HEADER).get("num_shards", "?")
+                done = sum(1 for n in os.listdir(path) if n.endswith(".sha256.json"))
+                raise DataError(f"target store {path} is not finished ({done} of {S} shards complete, no {L.MANIFEST}); "
+                                f"rerun the command that writes it")
+            raise DataError(f"{path} is not a target store (no {L.MANIFEST})")
+        m = L.read_json(mpath)
+        if not isinstance(m, dict) or m.get("format") != L.FORMAT:
+            raise DataError(f"{mpath} is not a target store manifest")
+        if m.get("version") != L.VERSION:
+            raise DataError(f"{mpath} has store format version {m.get('version')} (this fkd_ssl reads {L.VERSION})")
+        if not m.get("complete") or len(m.get("shards", [])) != m.get("num_shards"):
+            raise DataError(f"{mpath} describes an incomplete store")
+        for entry in m["shards"]:
+            cf = path / L.checksum_file(entry["shard"])
+            if not cf.exists():
+                raise DataError(f"store file {cf} is missing")
+            for name, meta in entry["files"].items():
+                f = path / name
+                try:
+                    size = f.stat().st_size
+                except FileNotFoundError:
+                    raise DataError(f"store file {f} is missing") from None
+                if size != meta["bytes"]:
+                    raise DataError(f"store file {f} is truncated or altered ({size} bytes, manifest says {meta['bytes']})")
+        codec = load_codec(path, m["codec"])
+        store = cls(path, m, codec)
+        if L.dtype_to_json(store.dtype) != m.get("record_dtype"):
+            raise DataError(f"{mpath}: record layout {m.get('record_dtype')} does not match codec {codec.name}")
+        if expect_identity is not None:
+            store.check_identity(expect_identity)
+        if verify:
+            store.verify()
+        return store
+
+    def check_identity(self, expected: dict) -> None:
+        """ConfigError naming every key of ``expected`` whose value differs from the store's
+        identity (nested dicts compared key by key; keys absent from ``expected`` are ignored)."""
+        want = L.normalise(expected, "expected identity")
+        have = {k: self.identity.get(k) for k in want} if isinstance(want, dict) else self.identity
+        diff = L.diff_keys(_restrict(have, want), want)
+        if diff:
+            shown = ", ".join(f"{d}: {L.get_dotted(self.identity, d)!r} (expected {L.get_dotted(want, d)!r})"
+                              for d in diff[:4])
+            raise ConfigError(f"target store {self.path} was made for other settings: {shown}")
+
+    def files(self) -> list[str]:
+        """Every checksummed file of the store (relative names)."""
+        out = sorted(referenced_files(self.manifest["codec"]))
+        for entry in self.manifest["shards"]:
+            out += sorted(entry["files"]) + [L.checksum_file(entry["shard"])]
+        return out
+
+    def verify(self) -> None:
+        """Recompute every file's sha256 against the manifest; DataError naming the first bad
+        file.  Reads the whole store."""
+        hpath = self.path / L.HEADER
+        header = L.read_json(hpath)
+        if not isinstance(header, dict) or any(self.manifest.get(k) != v for k, v in header.items()):
+            raise DataError(f"store file {hpath} does not match {self.path / L.MANIFEST}")
+        for entry in self.manifest["shards"]:
+            cf = self.path / L.checksum_file(entry["shard"])
+            if L.read_json(cf) != entry:
+                raise DataError(f"store file {cf} does not match {self.path / L.MANIFEST}")
+            for name, meta in entry["files"].items():
+                f = self.path / name
+                if not f.exists():
+                    raise DataError(f"store file {f} is missing")
+                if L.file_sha256(f) != meta["sha256"]:
+                    raise DataError(f"store file {f} is corrupt (sha256 differs from {cf.name})")
+            done = np.load(self.path / L.done_file(entry["shard"]), allow_pickle=False)
+            if (done == L.DONE_NOT).any():
+                raise DataError(f"store file {self.path / L.done_file(entry['shard'])} marks images as not written")
+        load_codec(self.path, self.manifest["codec"])  # codec state files against their checksums
+
+    def nbytes(self) -> int:
+        """Total bytes of the store's checksummed files."""
+        return sum((self.path / n).stat().st_size for n in self.files())
+
+    # ------------------------------------------------------------------ reading
+
+    def valid_indices(self) -> np.ndarray:
+        """int64 (N - skipped,): image indices that have targets (ascending)."""
+        return np.nonzero(~self._skip_mask)[0].astype(np.int64)
+
+    def _map(self, s: int) -> np.memmap:
+        if os.getpid() != self._pid:  # a forked child: never reuse the parent's maps
+            self._maps = {}
+            self._pid = os.getpid()
+        mm = self._maps.get(s)
+        if mm is None:
+            start, stop = L.shard_range(s, self.num_images, self.shard_size)
+            mm = L.open_npy(self.path / L.records_file(s), "r", self.dtype, (stop - start, self.views_per_image))
+            self._maps[s] = mm
+        return mm
+
+    def records(self, idx_i: ArrayLike, idx_r: ArrayLike) -> np.ndarray:
+        """Raw records (structured dtype, (B,)) of views ``(idx_i[b], idx_r[b])``; the two
+        index arrays broadcast against each other (e.g. one image, several views)."""
+        i, r = np.broadcast_arrays(np.asarray(idx_i, dtype=np.int64), np.asarray(idx_r, dtype=np.int64))
+        i, r = i.reshape(-1), r.reshape(-1)
+        if i.size == 0:
+            return np.zeros(0, dtype=self.dtype)
+        if i.min() < 0 or i.max() >= self.num_images:
+            raise IndexError(f"image index out of range 0..{self.num_images - 1}")
+        if r.min() < 0 or r.max() >= self.views_per_image:
+            raise IndexError(f"view index out of range 0..{self.views_per_image - 1}")
+        if self._skip_mask[i].any():
+            bad = int(i[self._skip_mask[i]][0])
+            raise DataError(f"image {bad} was skipped when store {self.path} was written; read valid_indices() only")
+        shard = i // self.shard_size
+        s0 = int(shard[0])
+        if (shard == s0).all():
+            return self._map(s0)[i - s0 * self.shard_size, r]
+        out = np.empty(i.shape, dtype=self.dtype)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self._map(int(s))[i[sel] - int(s) * self.shard_size, r[sel]]
+        return out
+
+    def params(self, i: int, r: int) -> np.ndarray:
+        """float32 (P,): the geometry of view ``r`` of image ``i``, exactly as written."""
+        return self.params_batch(np.array([i]), np.array([r]))[0]
+
+    def params_batch(self, idx_i: ArrayLike, idx_r: ArrayLike) -> np.ndarray:
+        """float32 (B, P) for the views ``(idx_i[b], idx_r[b])``."""
+        return np.ascontiguousarray(self.records(idx_i, idx_r)[L.PARAMS_FIELD])
+
+    def targets(self, idx_i: ArrayLike, idx_r: ArrayLike) -> np.ndarray:
+        """float32 (B, D): decoded targets of the views ``(idx_i[b], idx_r[b])``."""
+        return self._decode(self.records(idx_i, idx_r))
+
+    def read(self, idx_i: ArrayLike, idx_r: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """(params float32 (B, P), targets float32 (B, D)) with one read per record."""
+        rec = self.records(idx_i, idx_r)
+        return np.ascontiguousarray(rec[L.PARAMS_FIELD]), self._decode(rec)
+
+    def _decode(self, rec: np.ndarray) -> np.ndarray:
+        return self.codec.decode({f: rec[f] for f in self._fields})
+
+    # ------------------------------------------------------------------ pickling (spawned workers)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # maps are reopened in the receiving process
+        return state
+
+    def __repr__(self) -> str:
+        return (f"TargetStore({str(self.path)!r}, N={self.num_images}, R={self.views_per_image}, "
+                f"P={self.param_dim}, D={self.target_dim}, codec={self.codec.name})")
+
+
+def _restrict(have, want):
+    """``have`` limited to the keys present in ``want`` (recursively for dicts)."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return {k: _restrict(have.get(k), v) for k, v in want.items() if k in have}
+    return have
+

@@ -1,0 +1,430 @@
+"""Writing a target store: resumable, sharded, one writer process per set of shards.
+
+Usage (one process)::
+
+    w = StoreWriter.create_or_resume(path, identity, num_images=N, views_per_image=R,
+                                     param_dim=P, target_dim=D, codec=codec, shard_size=4096)
+    for batch in chunks(w.missing_images()):          # only what is not done yet
+        w.write(batch, params, targets)               # (B,R,P) float32, (B,R,D) float32
+    w.complete_owned()                                # checksums of every owned shard
+    finalize(path)                                    # manifest.json, atomically
+
+Under torchrun each rank passes ``shards=owned_shards(num_shards, rank, world_size)`` and
+writes only those shards' files; rank 0 creates the store first (``dist.main_first``) and
+calls :func:`finalize` after a barrier (or with ``timeout_s`` to wait for the other ranks'
+checksum files on a shared filesystem).  No state is shared between processes except files.
+
+Crash safety: a view's record is written and flushed before its image's done flag, so a kill
+at any moment (SIGKILL included) loses at most the images of the batch being written; a rerun
+recomputes exactly the images whose flag is 0.  Nothing volatile is written into the arrays or
+JSON files, so a resumed store is byte-identical to an uninterrupted one (``log.jsonl`` aside).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import sys
+import time
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from . import layout as L
+from .codec_files import load_codec, referenced_files, save_codec_state
+from .codecs import Codec
+
+
+def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shards written by ``rank`` of ``world_size`` writers: ``rank, rank + W, rank + 2W, ...``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+    return list(range(rank, num_shards, world_size))
+
+
+def default_provenance() -> dict:
+    """The command line and git SHA of this process (stored in the header at creation)."""
+    try:
+        from ..cli import git_sha
+
+        sha = git_sha()
+    except Exception:  # provenance is informative only
+        sha = "unknown"
+    return {"command": shlex.join(sys.argv), "git_sha": sha}
+
+
+def _log(path: Path, event: str, **extra) -> None:
+    line = json.dumps({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+                       "pid": os.getpid(), **extra}, sort_keys=True, default=str)
+    try:
+        fd = os.open(path / L.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # the log is a courtesy, never a reason to fail
+
+
+# header keys that must match on resume (provenance and derived values are not compared)
+_COMPARED = ("format", "version", "identity", "num_images", "views_per_image", "param_dim", "target_dim",
+             "shard_size", "codec")
+
+
+class _Shard:
+    """The open files of one shard in a writer: records (n, R) and done (n,) memmaps."""
+
+    def __init__(self, records: np.memmap, done: np.memmap, skipped: dict[int, dict]):
+        self.records, self.done, self.skipped = records, done, skipped
+
+
+class StoreWriter:
+    """Writes the shards it owns of one store.  Create with :meth:`create_or_resume`."""
+
+    def __init__(self, path: Path, header: dict, codec: Codec, shards: list[int], sync: bool):
+        self.path = path
+        self.header = header
+        self.codec = codec
+        self.num_images: int = header["num_images"]
+        self.views_per_image: int = header["views_per_image"]
+        self.param_dim: int = header["param_dim"]
+        self.target_dim: int = header["target_dim"]
+        self.shard_size: int = header["shard_size"]
+        self.num_shards: int = header["num_shards"]
+        self.shards = shards
+        self._owned = set(shards)
+        self.sync = sync
+        self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
+        self._open: dict[int, _Shard] = {}
+
+    # ------------------------------------------------------------------ creation / resume
+
+    @classmethod
+    def create_or_resume(cls, path: str | os.PathLike, identity: dict, *, num_images: int, views_per_image: int,
+                         param_dim: int, target_dim: int, codec: Codec, shard_size: int = 4096,
+                         overwrite: bool = False, shards: Iterable[int] | None = None,
+                         provenance: dict | None = None, sync: bool = True) -> "StoreWriter":
+        """Create the store at ``path`` or resume the one there.
+
+        ``identity``: the caller's JSON dict saying what the targets are (teacher name and
+        checkpoint hash, input size and normalisation, view-sampler parameters, dataset
+        fingerprint, ...).  A store already at ``path`` must have the same identity, sizes and
+        codec, else ConfigError naming the differing keys; with ``overwrite=True`` such a store
+        is deleted (store files only) and a new one created.  A trained codec may be passed
+        unfitted when resuming: its state is then loaded from the store.  ``shards``: the
+        shards this process writes (default all).  ``provenance`` (default: command line and
+        git SHA) is recorded at creation only and never compared.  ``sync``: msync data
+        before flipping done flags (durability against power loss; a killed process loses
+        nothing written either way).
+        """
+        path = Path(path)
+        for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
+                            ("param_dim", param_dim, 1), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
+            if not isinstance(v, (int, np.integer)) or v < lo:
+                raise ConfigError(f"store {name} must be an int >= {lo}, got {v!r}")
+        codec.check_dim(int(target_dim))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"store path {path} is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        identity = L.normalise(identity, "store identity")
+        S = L.num_shards(int(num_images), int(shard_size))
+        want = {
+            "format": L.FORMAT, "version": L.VERSION, "identity": identity,
+            "num_images": int(num_images), "views_per_image": int(views_per_image), "param_dim": int(param_dim),
+            "target_dim": int(target_dim), "shard_size": int(shard_size), "num_shards": S,
+        }
+        header_path = path / L.HEADER
+        if header_path.exists():
+            try:
+                old = L.read_json(header_path)
+            except DataError:
+                if not overwrite:
+                    raise
+                old = {}
+            mismatch = cls._mismatch(old, want, codec)
+            if mismatch and not overwrite:
+                pairs = "; ".join(mismatch[:6]) + ("; ..." if len(mismatch) > 6 else "")
+                raise ConfigError(f"store {path} was made with other settings ({pairs}); "
+                                  f"use another path, or overwrite=True / --overwrite to replace it")
+            if mismatch:
+                cls._delete_store_files(path)
+        elif any(n.startswith("shard-") and L.is_store_file(n) for n in os.listdir(path)):
+            if not overwrite:
+                raise ConfigError(f"store {path} has shard files but no {L.HEADER}; "
+                                  f"pass overwrite=True to start afresh")
+            cls._delete_store_files(path)
+        if not header_path.exists():
+            cls._create(path, want, codec, provenance if provenance is not None else default_provenance())
+        header = L.read_json(header_path)
+        if cls._mismatch(header, want, codec):  # another process created it concurrently with other settings
+            raise ConfigError(f"store {path} was just created by another process with other settings")
+        if header["codec"].get("state_files"):
+            load_codec(path, header["codec"], into=None if codec.is_fitted else codec)  # checks the files
+        owned = list(range(S)) if shards is None else sorted({int(s) for s in shards})
+        bad = [s for s in owned if not 0 <= s < S]
+        if bad:
+            raise ConfigError(f"shards {bad[:5]} are out of range for store {path} (0..{S - 1})")
+        prefixes = tuple(L.shard_name(s) + "." for s in owned)
+        for name in os.listdir(path):  # leftovers of a write killed before its rename; only we write these
+            if L.is_tmp_file(name) and name.startswith(prefixes):
+                (path / name).unlink(missing_ok=True)
+        _log(path, "open_writer", shards=f"{len(owned)} of {S}", command=shlex.join(sys.argv))
+        return cls(path, header, codec, owned, sync)
+
+    @staticmethod
+    def _mismatch(old: dict, want: dict, codec: Codec) -> list[str]:
+        out: list[str] = []
+        for k in _COMPARED:
+            if k == "codec":
+                oc = old.get("codec") or {}
+                if oc.get("name") != codec.name:
+                    out.append(f"codec: {oc.get('name')!r} -> {codec.name!r}")
+                    continue
+                oparams = oc.get("params") or {}
+                new = L.normalise(codec.params if codec.is_fitted else codec.config, "codec params")
+                old_cmp = oparams if codec.is_fitted else {k2: oparams.get(k2) for k2 in new}
+                out += [f"codec.params.{d}: {L.get_dotted(old_cmp, d)!r} -> {L.get_dotted(new, d)!r}"
+                        for d in L.diff_keys(old_cmp, new)]
+            elif k == "identity":
+                out += [f"identity.{d}: {L.get_dotted(old.get(k), d)!r} -> {L.get_dotted(want[k], d)!r}"
+                        for d in L.diff_keys(old.get(k), want[k])]
+            elif old.get(k) != want[k]:
+                out.append(f"{k}: {old.get(k)!r} -> {want[k]!r}")
+        return out
+
+    @staticmethod
+    def _delete_store_files(path: Path) -> None:
+        for name in sorted(os.listdir(path)):
+            if L.is_store_file(name):
+                (path / name).unlink()
+
+    @staticmethod
+    def _create(path: Path, want: dict, codec: Codec, provenance: dict) -> None:
+        if codec.trained and not codec.is_fitted:
+            raise ConfigError(f"codec {codec.name} is not trained: call codec.fit(sample) before creating store {path}")
+        state_files = save_codec_state(path, codec)  # before the header that references them
+        fields = codec.fields(want["target_dim"])
+        header = {**want, "codec": {"name": codec.name, "params": L.normalise(codec.params, "codec params"),
+                                    "bytes_per_view": codec.bytes_per_view(want["target_dim"]),
+                                    "state_files": state_files},
+                  "record_dtype": L.dtype_to_json(L.record_dtype(want["param_dim"], fields)),
+                  "provenance": L.normalise(provenance, "provenance")}
+        L.write_json_atomic(path / L.HEADER, header, exclusive=True)  # first creator wins
+        _log(path, "create")
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_of(self, index: int) -> int:
+        return int(index) // self.shard_size
+
+    def _range(self, s: int) -> tuple[int, int]:
+        return L.shard_range(s, self.num_images, self.shard_size)
+
+    def is_complete(self, s: int) -> bool:
+        return (self.path / L.checksum_file(s)).exists()
+
+    def _shard(self, s: int) -> _Shard:
+        """Open (creating on first use) the files of owned shard ``s``."""
+        if s not in self._owned:
+            raise ConfigError(f"shard {s} of store {self.path} is not owned by this writer (owns {len(self.shards)} shards)")
+        sh = self._open.get(s)
+        if sh is not None:
+            return sh
+        start, stop = self._range(s)
+        n, R = stop - start, self.views_per_image
+        rec_p, done_p, skip_p = (self.path / f for f in (L.records_file(s), L.done_file(s), L.skipped_file(s)))
+        if not done_p.exists():  # the done mask is created last: without it nothing was committed
+            L.create_npy(rec_p, self.dtype, (n, R))
+            L.write_json_atomic(skip_p, [])
+            L.create_npy(done_p, np.dtype(np.uint8), (n,))
+        mode = "r" if self.is_complete(s) else "r+"
+        records = L.open_npy(rec_p, mode, self.dtype, (n, R))
+        done = L.open_npy(done_p, mode, np.dtype(np.uint8), (n,))
+        entries = L.read_json(skip_p)
+        sh = _Shard(records, done, {int(e["index"]): e for e in entries})
+        self._open[s] = sh
+        return sh
+
+    def missing_images(self, shard_ids: Iterable[int] | None = None) -> np.ndarray:
+        """Global indices (int64, ascending) of images not yet written or skipped in the given
+        shards (default: this writer's shards).  Reads only done masks; creates nothing."""
+        out = []
+        for s in (self.shards if shard_ids is None else shard_ids):
+            s = int(s)
+            if not 0 <= s < self.num_shards:
+                raise ConfigError(f"shard {s} is out of range for store {self.path} (0..{self.num_shards - 1})")
+            start, stop = self._range(s)
+            if s in self._open:
+                done = np.asarray(self._open[s].done)
+            elif (self.path / L.done_file(s)).exists():
+                done = np.asarray(L.open_npy(self.path / L.done_file(s), "r", np.dtype(np.uint8), (stop - start,)))
+            else:
+                out.append(np.arange(start, stop, dtype=np.int64))
+                continue
+            out.append(start + np.nonzero(done == L.DONE_NOT)[0].astype(np.int64))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def write(self, indices: np.ndarray, params: np.ndarray, targets: np.ndarray) -> None:
+        """Store the views of images ``indices`` (int, (B,), distinct, in owned shards).
+
+        ``params``: float32 (B, R, P), returned bit-exactly by the reader.
+        ``targets``: float (B, R, D), encoded by the store's codec.
+        Records are written (and flushed) before the images' done flags are set.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        B, R, P, D = len(idx), self.views_per_image, self.param_dim, self.target_dim
+        params = np.asarray(params)
+        if params.dtype != np.float32:
+            raise ValueError(f"params must be float32 (stored bit-exactly), got {params.dtype}")
+        targets = np.asarray(targets, dtype=np.float32)
+        if params.shape != (B, R, P):
+            raise ValueError(f"params shape {params.shape}, expected {(B, R, P)}")
+        if targets.shape != (B, R, D):
+            raise ValueError(f"targets shape {targets.shape}, expected {(B, R, D)}")
+        if B == 0:
+            return
+        if idx.min() < 0 or idx.max() >= self.num_images:
+            raise IndexError(f"image index out of range 0..{self.num_images - 1}")
+        if len(np.unique(idx)) != B:
+            raise ValueError("write() got the same image index twice")
+        if not np.isfinite(params).all():
+            raise DataError(f"params for images {idx[:4].tolist()}... hold NaN or inf")
+        if not np.isfinite(targets).all():
+            raise DataError(f"targets for images {idx[:4].tolist()}... hold NaN or inf (teacher output)")
+        enc = self.codec.encode(targets.reshape(B * R, D))
+        batch = np.empty((B, R), dtype=self.dtype)
+        batch[L.PARAMS_FIELD] = params
+        for name, arr in enc.items():
+            batch[name] = arr.reshape((B, R) + arr.shape[1:])
+        shard_ids = idx // self.shard_size
+        for s in np.unique(shard_ids):
+            s = int(s)
+            if self.is_complete(s):
+                raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
+            sh = self._shard(s)
+            sel = np.nonzero(shard_ids == s)[0]
+            local = idx[sel] - s * self.shard_size
+            stale = [int(i) for i in idx[sel] if int(i) in sh.skipped]
+            sh.records[local] = batch[sel]
+            if self.sync:
+                sh.records.flush()
+            if stale:  # written now after having been skipped by an interrupted run
+                for i in stale:
+                    del sh.skipped[i]
+                self._save_skipped(s, sh)
+            sh.done[local] = L.DONE_WRITTEN
+            if self.sync:
+                sh.done.flush()
+
+    def skip(self, index: int, path: str, reason: str) -> None:
+        """Record image ``index`` as unreadable (``path`` and one-line ``reason``); readers
+        exclude it (:meth:`TargetStore.valid_indices`)."""
+        index = int(index)
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image index {index} out of range 0..{self.num_images - 1}")
+        s = self.shard_of(index)
+        if self.is_complete(s):
+            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
+        sh = self._shard(s)
+        sh.skipped[index] = {"index": index, "path": str(path), "reason": " ".join(str(reason).split())}
+        self._save_skipped(s, sh)  # the list first, then the flag
+        sh.done[index - s * self.shard_size] = L.DONE_SKIPPED
+        if self.sync:
+            sh.done.flush()
+
+    def _save_skipped(self, s: int, sh: _Shard) -> None:
+        L.write_json_atomic(self.path / L.skipped_file(s), [sh.skipped[i] for i in sorted(sh.skipped)])
+
+    def complete_shard(self, s: int) -> dict:
+        """Checksum owned shard ``s`` once every image is written or skipped: writes
+        ``shard-XXXXX.sha256.json`` (bytes + sha256 of its files) and returns that dict.
+        Idempotent.  ConfigError if images are still missing."""
+        s = int(s)
+        f = self.path / L.checksum_file(s)
+        if f.exists():
+            return L.read_json(f)
+        sh = self._shard(s)
+        missing = int((np.asarray(sh.done) == L.DONE_NOT).sum())
+        if missing:
+            raise ConfigError(f"shard {s} of store {self.path} still misses {missing} images; write or skip them first")
+        flags = np.asarray(sh.done)
+        start = s * self.shard_size
+        marked = {start + int(i) for i in np.nonzero(flags == L.DONE_SKIPPED)[0]}
+        if set(sh.skipped) != marked:  # the done mask is the truth: drop stale entries
+            lost = marked - set(sh.skipped)
+            if lost:
+                raise DataError(f"store file {self.path / L.skipped_file(s)} lacks skipped images {sorted(lost)[:5]}")
+            sh.skipped = {i: e for i, e in sh.skipped.items() if i in marked}
+            self._save_skipped(s, sh)
+        sh.records.flush()
+        sh.done.flush()
+        del self._open[s]
+        del sh
+        start, stop = self._range(s)
+        entry = {"shard": s, "start": start, "stop": stop,
+                 "files": {name: L.file_entry(self.path / name) for name in (L.records_file(s), L.done_file(s), L.skipped_file(s))}}
+        L.write_json_atomic(f, entry)
+        return entry
+
+    def complete_owned(self) -> None:
+        """:meth:`complete_shard` for every owned shard (ConfigError if any image is missing)."""
+        for s in self.shards:
+            self.complete_shard(s)
+
+    def close(self) -> None:
+        """Flush and release the open shard files (the writer can still be used after)."""
+        for sh in self._open.values():
+            if sh.records.mode != "r":
+                sh.records.flush()
+                sh.done.flush()
+        self._open.clear()
+
+
+def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.0) -> dict:
+    """Write ``manifest.json`` once every shard is complete (rank 0, after the writers).
+
+    Waits up to ``timeout_s`` for shards' checksum files to appear (other ranks on a shared
+    filesystem), checks each shard's files have the recorded sizes, merges the skipped lists,
+    and writes the manifest atomically (temporary file + ``os.replace``).  The manifest depends
+    only on the header and the shards' contents, so it is identical however the store was
+    written.  Returns the manifest.  DataError naming the incomplete shards otherwise.
+    """
+    path = Path(path)
+    header = L.read_json(path / L.HEADER)
+    S = header["num_shards"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [s for s in range(S) if not (path / L.checksum_file(s)).exists()]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise DataError(f"store {path} is incomplete: {len(missing)} of {S} shards have no checksum file "
+                        f"(shards {shown}); rerun the writers")
+    shards, skipped = [], []
+    for s in range(S):
+        entry = L.read_json(path / L.checksum_file(s))
+        for name, meta in entry["files"].items():
+            f = path / name
+            if not f.exists():
+                raise DataError(f"store file {f} is missing")
+            if f.stat().st_size != meta["bytes"]:
+                raise DataError(f"store file {f} has {f.stat().st_size} bytes, its checksum file says {meta['bytes']}")
+        sk = path / L.skipped_file(s)
+        if L.file_sha256(sk) != entry["files"][L.skipped_file(s)]["sha256"]:
+            raise DataError(f"store file {sk} does not match {path / L.checksum_file(s)}")
+        skipped += L.read_json(sk)
+        shards.append(entry)
+    manifest = {**header, "complete": True, "shards": shards, "skipped": skipped, "num_skipped": len(skipped)}
+    keep = referenced_files(header["codec"])
+    for name in os.listdir(path):  # every writer is done: drop killed writes' leftovers, stray codebooks
+        if L.is_tmp_file(name) or (name.startswith("codec.") and L.is_store_file(name) and name not in keep):
+            (path / name).unlink(missing_ok=True)
+    L.write_json_atomic(path / L.MANIFEST, manifest)
+    _log(path, "finalize", num_skipped=len(skipped))
+    return manifest
