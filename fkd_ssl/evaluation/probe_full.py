@@ -1,0 +1,156 @@
+"""Full linear probe: the standard protocol (MoCo v3 style) for GPU runs.
+
+Frozen backbone in eval mode (BatchNorm statistics frozen, no gradients); a single linear
+layer (weights ~ N(0, 0.01), zero bias) on the pooled feature; training images get
+``RandomResizedCrop(S)`` + horizontal flip, val images the eval transform; SGD with momentum
+0.9, weight decay 0, learning rate ``lr * global_batch / 256`` on a per-iteration cosine
+schedule, 90 epochs by default.  Under DDP the linear layer is wrapped in
+DistributedDataParallel and each rank sees its share of every epoch.
+
+The state (epoch, layer, optimizer) is saved after every epoch; rerunning the same command
+resumes from it, and a state made with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import load_state, save_state
+from ..data.datasets import IndexedDataset
+from ..dist import DistContext, all_gather_cat, barrier
+from ..errors import ConfigError
+from ..progress import bar
+from .features import FeatureSource
+from .probe import ProbeResult, accuracy
+
+
+@dataclass
+class FullProbeConfig:
+    """Settings of the full protocol (all of them define the run, so they gate resuming)."""
+
+    epochs: int = 90
+    batch_size: int = 256  # per process
+    lr: float = 0.1  # per 256 images of global batch
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def train_transform(source: FeatureSource):
+    """RandomResizedCrop(S) + flip + ToTensor + Normalize with the source's statistics."""
+    from torchvision import transforms as T
+
+    desc = source.transform_desc
+    return T.Compose([
+        T.RandomResizedCrop(desc["crop"], interpolation=T.InterpolationMode(desc["interpolation"])),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(desc["mean"], desc["std"]),
+    ])
+
+
+def _cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+@torch.no_grad()
+def _evaluate(source: FeatureSource, layer: nn.Module, dataset: IndexedDataset, ctx: DistContext,
+              batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Logits (M, C) and labels (M,) of the whole val split on rank 0 (None elsewhere)."""
+    from torch.utils.data import DataLoader, Subset
+
+    mine = list(range(ctx.rank, len(dataset), ctx.world_size))
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers)
+    logits, labels, indices = [], [], []
+    for x, y, idx in loader:
+        logits.append(layer(source.embed(x.to(ctx.device))).float())
+        labels.append(y.to(ctx.device))
+        indices.append(idx.to(ctx.device))
+    c = layer.out_features
+    lg = torch.cat(logits) if logits else torch.zeros((0, c), device=ctx.device)
+    lb = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=ctx.device)
+    ix = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64, device=ctx.device)
+    lg, lb, ix = all_gather_cat(lg), all_gather_cat(lb), all_gather_cat(ix)
+    if not ctx.is_main:
+        return None
+    order = torch.argsort(ix)
+    return lg[order].cpu(), lb[order].cpu()
+
+
+def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: IndexedDataset, num_classes: int,
+                      ctx: DistContext, cfg: FullProbeConfig, *, workers: int = 2, state_path: Path | None = None,
+                      progress: bool = True) -> ProbeResult | None:
+    """Train a linear layer on frozen features of augmented images; val top-1 / top-5 on rank 0."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    torch.manual_seed(cfg.seed)
+    source.to(ctx.device)
+    if source.encoder is not None:
+        for p in source.encoder.parameters():
+            p.requires_grad_(False)
+    layer = nn.Linear(source.feature_dim, num_classes)
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.zeros_(layer.bias)
+    layer.to(ctx.device)
+    model: nn.Module = layer
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(layer, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    base_lr = cfg.lr * cfg.batch_size * ctx.world_size / 256.0
+    opt = torch.optim.SGD(layer.parameters(), lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    start_epoch = 0
+    settings = {**asdict(cfg), "world_size": ctx.world_size, "model": source.identity, "output": source.output,
+                "data": train_ds.fingerprint()}
+    if state_path is not None and state_path.exists():
+        state = load_state(state_path)
+        if state.get("settings") != settings:
+            raise ConfigError(f"{state_path} holds a probe run with other settings; use another --out or delete it")
+        layer.load_state_dict(state["layer"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+
+    train_ds.transform = train_transform(source)
+    val_ds.transform = source.transform
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=ctx.device.type == "cuda", drop_last=False)
+    steps_per_epoch = len(loader)
+    total = cfg.epochs * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        pbar = bar(steps_per_epoch, f"probe epoch {epoch + 1}/{cfg.epochs}", "batch", enabled=ctx.is_main and progress)
+        for i, (x, y, _) in enumerate(loader):
+            for g in opt.param_groups:
+                g["lr"] = _cosine_lr(base_lr, epoch * steps_per_epoch + i, total)
+            feats = source.embed(x.to(ctx.device, non_blocking=True))
+            loss = F.cross_entropy(model(feats), y.to(ctx.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        pbar.close()
+        if state_path is not None and ctx.is_main:
+            save_state(state_path, {"epoch": epoch + 1, "layer": layer.state_dict(), "optimizer": opt.state_dict(),
+                                    "settings": settings})
+        barrier()
+    layer.eval()
+    out = _evaluate(source, layer, val_ds, ctx, cfg.batch_size, workers)
+    if out is None:
+        return None
+    logits, labels = out
+    acc = accuracy(logits, labels)
+    return ProbeResult(acc[1], acc[5], cfg.weight_decay, [], cfg.epochs, logits.argmax(1).numpy())
+
+
+def default_state_path(out_dir: Path, output: str) -> Path:
+    return out_dir / ("linear_probe_full" + ("_head" if output == "head" else "") + ".state.safetensors")
+
+
+__all__ = ["FullProbeConfig", "full_linear_probe", "train_transform", "default_state_path"]
