@@ -63,7 +63,8 @@ class _Task(nn.Module):
 
 
 class MoCo(_Task):
-    """MoCo v2 (see module docstring). ``momentum`` rises from ``momentum`` to 1 (cosine)."""
+    """MoCo v2 (see module docstring). The key encoder is an EMA with a constant ``momentum``
+    (MoCo v2 uses 0.999 for 200+ epochs; short runs need a faster-tracking key encoder)."""
 
     def __init__(self, encoder: Encoder, queue_size: int = 4096, temperature: float = 0.2,
                  momentum: float = 0.99, channels_last: bool = False, distributed: bool = False):
@@ -84,7 +85,7 @@ class MoCo(_Task):
         from lightly.models.utils import update_momentum
 
         views = batch[0]
-        m = 1 - (1 - self.base_momentum) * (math.cos(math.pi * progress) + 1) / 2
+        m = self.base_momentum
         x1, x2 = self.prep(views[:, 0]), self.prep(views[:, 1])
         q1 = F.normalize(self.encoder.project(x1), dim=1)
         q2 = F.normalize(self.encoder.project(x2), dim=1)

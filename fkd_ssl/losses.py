@@ -1,0 +1,226 @@
+"""Distillation losses: a student's outputs against its teacher's targets for the same views.
+
+Shapes: ``s`` student outputs ``(N, D)`` (any scale), ``t`` teacher targets ``(N, D)`` for the
+same ``N`` views, ``keys`` ``(M, D)`` and ``queue`` ``(Q, D)`` teacher targets used as
+negatives / reference points.  Unless said otherwise every function L2-normalises its inputs
+along ``D`` first and returns the mean loss over the ``N`` rows (a scalar).
+
+* :func:`contrastive` – InfoNCE of each student view against the teacher targets ``keys``
+  (its own target positive, or several positives given by a mask) — the ``infonce`` loss;
+* :func:`soft_ce` – cross-entropy between ``softmax(t / tau)`` and ``log_softmax(s / tau)``
+  over the embedding dimensions (FKD-SSL / S2-BNN);
+* :func:`seed` – SEED: cross-entropy between the teacher's and the student's similarity
+  distributions over ``[t; queue]`` (teacher temperature ``tau_t``, student ``tau_s``);
+* :func:`cosine` – ``1 - cos(s, t)``;
+* :func:`soft_ce_probs` – cross-entropy of student logits against stored class
+  probabilities (classifier teachers; no normalisation).
+
+:class:`TargetQueue` is the FIFO of earlier teacher targets; :class:`DistillLoss` binds a loss
+name, its temperatures and the queue, and gathers targets across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+LOSSES = ("infonce", "soft-ce", "seed", "cosine")
+#: losses that compare against a queue of earlier teacher targets
+QUEUE_LOSSES = ("infonce", "seed")
+
+
+# ----------------------------------------------------------------------------- pure losses
+
+
+def contrastive(s: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with one or several positives per row.
+
+    s: (N, D) student outputs; keys: (M, D) teacher targets; positives: bool (N, M) with at
+    least one True per row (e.g. one-hot: each view's own target).  Every key that is not a
+    positive is a negative.  Row ``n``'s loss is the mean over its positives ``p`` of
+    ``-log softmax(s_n . keys / T)[p]`` (a single positive gives the usual cross-entropy).
+    """
+    s, keys = F.normalize(s, dim=1), F.normalize(keys, dim=1)
+    logp = torch.log_softmax(s @ keys.t() / temperature, dim=1)  # (N, M)
+    pos = positives.to(logp.dtype)
+    return (-(logp * pos).sum(1) / pos.sum(1)).mean()
+
+
+def soft_ce(s: torch.Tensor, t: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """Cross-entropy ``-sum_d softmax(t/tau)_d log_softmax(s/tau)_d`` over the D embedding dims."""
+    s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+    return -(torch.softmax(t / tau, dim=1) * torch.log_softmax(s / tau, dim=1)).sum(1).mean()
+
+
+def seed(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, tau_t: float = 0.01,
+         tau_s: float = 0.2) -> torch.Tensor:
+    """SEED (Fang et al., ICLR 2021).
+
+    s, t: (N, D); queue: (Q, D) earlier teacher targets (Q may be 0).  Reference points per
+    row are ``[t_n; queue]`` (Q + 1 of them); the teacher distribution is
+    ``softmax(t_n . refs / tau_t)``, the student's ``log_softmax(s_n . refs / tau_s)``.
+    """
+    s, t, queue = F.normalize(s, dim=1), F.normalize(t, dim=1), F.normalize(queue, dim=1)
+    logit_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.t()], dim=1)  # (N, 1 + Q)
+    logit_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.t()], dim=1)
+    return -(torch.softmax(logit_t / tau_t, dim=1) * torch.log_softmax(logit_s / tau_s, dim=1)).sum(1).mean()
+
+
+def cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Regression to the target direction: mean of ``1 - cos(s_n, t_n)``."""
+    return (1 - F.cosine_similarity(s, t, dim=1)).mean()
+
+
+def soft_ce_probs(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """logits (N, C) against target probabilities (N, C): ``-sum_c p_c log_softmax(logits)_c``."""
+    return -(probs * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------- the queue
+
+
+class TargetQueue(nn.Module):
+    """FIFO of the last ``size`` teacher targets (float32 ``(size, D)``).
+
+    Starts empty: :meth:`negatives` returns only the rows filled so far, so the first steps
+    compare against fewer (but real) targets instead of random vectors.  The buffers are not
+    part of ``state_dict``; :meth:`state` / :meth:`load` save and restore them (resume).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.size = int(size)
+        self.register_buffer("bank", torch.zeros(self.size, dim), persistent=False)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def negatives(self) -> torch.Tensor:
+        """(filled, D): the queued targets (in slot order; the order does not matter)."""
+        return self.bank[: int(self.filled)]
+
+    @torch.no_grad()
+    def push(self, x: torch.Tensor) -> None:
+        """Enqueue (n, D) targets, overwriting the oldest; keeps the last ``size`` if n > size."""
+        if self.size == 0 or x.shape[0] == 0:
+            return
+        x = x[-self.size:].to(self.bank.dtype)
+        p = int(self.ptr)
+        idx = (torch.arange(x.shape[0], device=x.device) + p) % self.size
+        self.bank[idx.to(self.bank.device)] = x.to(self.bank.device)
+        self.ptr.fill_((p + x.shape[0]) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + x.shape[0]))
+
+    def state(self) -> dict:
+        return {"bank": self.bank.detach().cpu().clone(), "ptr": int(self.ptr), "filled": int(self.filled)}
+
+    def load(self, state: dict) -> None:
+        if tuple(state["bank"].shape) != tuple(self.bank.shape):
+            raise ValueError(f"queue shape {tuple(state['bank'].shape)} != {tuple(self.bank.shape)}")
+        self.bank.copy_(state["bank"])
+        self.ptr.fill_(int(state["ptr"]))
+        self.filled.fill_(int(state["filled"]))
+
+
+# ----------------------------------------------------------------------------- the bound loss
+
+
+class DistillLoss(nn.Module):
+    """One distillation loss with its settings and queue: ``(s, t, image) -> (loss, metrics)``.
+
+    ``s`` (N, D) student outputs, ``t`` (N, D) teacher targets, ``image`` int64 (N,) the image
+    index of each view (views of one image are positives of each other with
+    ``multi_positive``).  ``probs=True``: the targets are class probabilities (a classifier
+    teacher); only ``soft-ce`` applies and it becomes :func:`soft_ce_probs` on raw outputs.
+
+    For ``infonce`` the keys are the teacher targets of the whole global batch (gathered over
+    DDP ranks: they need no gradient) followed by the queue; ``seed`` uses the queue alone,
+    as SEED does.  The queue receives the global batch's targets after the loss, so every
+    rank holds the same queue and 2 processes x B equal 1 process x 2B.  The loss is computed
+    in float32 with autocast off (SEED's teacher temperature 0.01 needs it).
+    """
+
+    def __init__(self, name: str, dim: int, temperature: float = 0.2, tau: float = 0.2, tau_t: float = 0.01,
+                 tau_s: float = 0.2, queue_size: int = 4096, multi_positive: bool = False, probs: bool = False):
+        super().__init__()
+        if name not in LOSSES:
+            raise ConfigError(f"--loss {name!r}: one of {', '.join(LOSSES)}")
+        if probs and name != "soft-ce":
+            raise ConfigError(f"--loss {name} needs embedding targets, but the store holds class probabilities "
+                              f"(a classifier teacher): use --loss soft-ce")
+        if dim < 2:
+            raise ConfigError(f"--loss {name}: the target dim is {dim}; distillation needs >= 2 dims")
+        if min(temperature, tau, tau_t, tau_s) <= 0:
+            raise ConfigError("distillation temperatures must be > 0")
+        if multi_positive and name != "infonce":
+            raise ConfigError(f"--multi-positive applies to --loss infonce only (got --loss {name})")
+        if queue_size < 0:
+            raise ConfigError(f"--queue-size must be >= 0, got {queue_size}")
+        self.name, self.dim, self.probs = name, dim, probs
+        self.temperature, self.tau, self.tau_t, self.tau_s = temperature, tau, tau_t, tau_s
+        self.multi_positive = multi_positive
+        self.queue = TargetQueue(queue_size if name in QUEUE_LOSSES else 0, dim)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        from . import dist as fdist
+
+        if s.shape != t.shape:
+            raise ConfigError(f"student output {tuple(s.shape)} does not match the targets {tuple(t.shape)}")
+        with torch.autocast(s.device.type, enabled=False):
+            s, t = s.float(), t.float()
+            metrics: dict[str, float] = {}
+            if self.probs:
+                loss = soft_ce_probs(s, t)
+                with torch.no_grad():
+                    metrics["agree"] = float((s.argmax(1) == t.argmax(1)).float().mean())
+                return loss, metrics
+            t = F.normalize(t, dim=1)
+            if self.name == "infonce":
+                keys = fdist.all_gather_cat(t)  # (M, D) global batch, rank-major
+                n, m = t.shape[0], keys.shape[0]
+                offset = _rank() * n
+                if m != n * _world():
+                    raise RuntimeError("infonce needs the same batch size on every rank")
+                if self.multi_positive:
+                    pos = image[:, None] == fdist.all_gather_cat(image)[None, :]
+                else:
+                    pos = torch.zeros(n, m, dtype=torch.bool, device=s.device)
+                    pos[torch.arange(n, device=s.device), offset + torch.arange(n, device=s.device)] = True
+                queued = self.queue.negatives()
+                keys_all = torch.cat([keys, queued.to(keys)], dim=0)
+                pos = torch.cat([pos, torch.zeros(n, queued.shape[0], dtype=torch.bool, device=s.device)], dim=1)
+                loss = contrastive(s, keys_all, pos, self.temperature)
+                if self.training:
+                    self.queue.push(keys)
+                metrics["negatives"] = float(keys_all.shape[0] - 1)
+            elif self.name == "seed":
+                loss = seed(s, t, self.queue.negatives().to(t), self.tau_t, self.tau_s)
+                if self.training:
+                    self.queue.push(fdist.all_gather_cat(t))
+            elif self.name == "soft-ce":
+                loss = soft_ce(s, t, self.tau)
+            else:
+                loss = cosine(s, t)
+            with torch.no_grad():
+                metrics["cos"] = float(F.cosine_similarity(s, t, dim=1).mean())
+        return loss, metrics
+
+    def extra_state(self) -> dict:
+        return {"queue": self.queue.state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.queue.load(state["queue"])
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,211 @@
+"""Replaying stored views for a student: which views an epoch uses, and the dataset that renders them.
+
+**View selection.**  A store holds R views per image; a student uses K per image and step
+(``--crops-per-image``, FKD's ``num_crops``).  Epochs are grouped in *cycles* of
+``E = R // K`` epochs; cycle ``c`` draws one permutation of the R slots per image, seeded by
+``(seed, image, c)``, and epoch ``e`` (cycle ``c = e // E``, ``j = e % E``) takes the slots
+``perm[j*K : (j+1)*K]``.  So no view repeats before all ``E*K`` were used, the choice is a
+pure function of ``(seed, image, epoch)`` — independent of workers, ranks and resumption —
+and past ``E`` epochs the views come back in a new order (:func:`reuse_warning`).
+
+**Rendering.**  :class:`ReplayDataset` decodes each image once per step and renders its K
+views from their parameter vectors at the *student's* input size (same crop-box fractions,
+flip and photometric parameters as the teacher's views; the blur sigma is scaled by
+student size / teacher size so the student sees the same blur as the teacher, at its own
+resolution).  With ``render_teacher`` it also renders the same views at the teacher's size,
+for the online-teacher baselines.  Views come from a *source*:
+
+* :class:`StoreViews` – stored views (their parameters and, unless ``read_targets=False``,
+  their targets), selected as above;
+* :class:`FreshViews` – new random views from a :class:`~fkd_ssl.views.ViewConfig` every
+  epoch (the vanilla online-KD baseline); never one of the stored views.
+
+Items: ``(views uint8 (K, 3, S, S), targets float32 (K, D) or (K, 0), image int, slots int64 (K,),
+teacher_views uint8 (K, 3, S_t, S_t) or (0,))``, so batches are ``(B, K, 3, S, S)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import ConfigError, DataError
+from .views import PARAM_FIELDS, ViewConfig, render_view, sample_views
+
+_SIGMA = PARAM_FIELDS.index("blur_sigma")
+#: fresh (online) views use slots from here on, so they never coincide with stored ones
+FRESH_SLOT_BASE = 1 << 30
+
+
+# ----------------------------------------------------------------------------- view selection
+
+
+def cycle_epochs(views_per_image: int, k: int) -> int:
+    """Epochs of fresh views a store of R views per image gives at K views per step (R // K)."""
+    if k > views_per_image:
+        raise ConfigError(f"--crops-per-image {k} is more than the store's {views_per_image} views per image")
+    return views_per_image // k
+
+
+def select_slots(seed: int, image: int, epoch: int, views_per_image: int, k: int) -> np.ndarray:
+    """int64 (K,): the stored view slots image ``image`` uses in epoch ``epoch`` (see module doc)."""
+    per_cycle = cycle_epochs(views_per_image, k)
+    cycle, j = divmod(int(epoch), per_cycle)
+    perm = np.random.default_rng([int(seed), int(image), cycle, 0x51075]).permutation(views_per_image)
+    return perm[j * k:(j + 1) * k].astype(np.int64)
+
+
+def reuse_warning(views_per_image: int, k: int, epochs: int) -> str | None:
+    """The one warning to print when ``epochs`` is more than the store's fresh views allow."""
+    per_cycle = cycle_epochs(views_per_image, k)
+    if epochs <= per_cycle:
+        return None
+    return (f"warning: the store holds {views_per_image} views per image, so {k} per step give {per_cycle} epochs "
+            f"of unseen views; epochs {per_cycle + 1}-{epochs} reuse them in new orders "
+            f"(generate more views with gen_targets.py --views-per-image to avoid it)")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class StoreViews:
+    """Stored views: ``take(image, epoch) -> (slots (K,), params float32 (K, P), targets float32 (K, D) | None)``."""
+
+    needs_size = False
+
+    def __init__(self, store, k: int, seed: int, read_targets: bool = True):
+        self.store, self.k, self.seed, self.read_targets = store, k, seed, read_targets
+        cycle_epochs(store.views_per_image, k)  # refuse K > R early
+
+    @property
+    def target_dim(self) -> int:
+        return self.store.target_dim if self.read_targets else 0
+
+    def take(self, image: int, epoch: int, height: int | None = None, width: int | None = None):
+        slots = select_slots(self.seed, image, epoch, self.store.views_per_image, self.k)
+        if self.read_targets:
+            params, targets = self.store.read(image, slots)
+            return slots, params, targets
+        return slots, self.store.params_batch(image, slots), None
+
+
+class FreshViews:
+    """New random views every epoch: slots ``FRESH_SLOT_BASE + epoch*K + v`` of ``cfg`` (no targets)."""
+
+    needs_size = True
+    target_dim = 0
+
+    def __init__(self, cfg: ViewConfig, k: int, seed: int):
+        self.cfg, self.k, self.seed = cfg, k, seed
+
+    def take(self, image: int, epoch: int, height: int | None = None, width: int | None = None):
+        slots = np.arange(self.k, dtype=np.int64) + FRESH_SLOT_BASE + int(epoch) * self.k
+        return slots, sample_views(self.cfg, self.seed, image, slots, height, width), None
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_rgb(base, index: int, min_crop: tuple[float, float] | None = None, size: int = 0) -> torch.Tensor:
+    """Image ``index`` of ``base`` as uint8 (3, H, W) (a channels-last view of the decoded array).
+
+    With ``min_crop = (h_frac, w_frac)`` (the smallest crop box of the views to render, as
+    fractions) and ``size`` (their output side), a JPEG is decoded at the smallest reduced
+    scale (1/2, 1/4, 1/8: PIL's ``draft``) at which every crop still has ``>= size`` pixels a
+    side, so the resize still only shrinks.  Other files, and datasets without file paths,
+    decode at full size.
+    """
+    from .data.image_io import to_rgb
+
+    path = base.path(index) if hasattr(base, "path") else None
+    if path is None or min_crop is None:
+        img = base.load(index)
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.format == "JPEG":
+                        w, h = im.size
+                        side = min(min_crop[0] * h, min_crop[1] * w)
+                        factor = 1
+                        while factor < 8 and side / (factor * 2) >= size:
+                            factor *= 2
+                        if factor > 1:
+                            im.draft("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
+                    im.load()
+                    img = to_rgb(im)
+        except FileNotFoundError as e:
+            raise DataError(f"image file not found: {path}") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
+            raise DataError(f"cannot decode image {path}: {e}") from e
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _extra_augment(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The student-only extra augmentation: mild colour jitter (p 0.8, strength 0.2), grayscale p 0.1."""
+    if rng.random() < 0.8:
+        view = TF.adjust_brightness(view, float(rng.uniform(0.8, 1.2)))
+        view = TF.adjust_contrast(view, float(rng.uniform(0.8, 1.2)))
+        view = TF.adjust_saturation(view, float(rng.uniform(0.8, 1.2)))
+    if rng.random() < 0.1:
+        view = TF.rgb_to_grayscale(view, num_output_channels=3)
+    return view.contiguous()
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+class ReplayDataset(Dataset):
+    """Key ``(image, epoch)`` -> K views of the image rendered at the student's size (module doc).
+
+    ``base``: an :class:`~fkd_ssl.data.IndexedDataset`; ``source``: :class:`StoreViews` or
+    :class:`FreshViews`; ``teacher_cfg``: the view distribution the teacher saw (its ``size``
+    is the teacher's input size); ``student_size``: the student's input side.
+    ``render_teacher``: also return the views at the teacher's size.  ``extra_aug``: a mild
+    student-only colour augmentation on top of each replayed view, seeded by
+    ``(seed, image, epoch, slot)``.  ``fast_decode``: reduced-size JPEG decoding when every
+    crop allows it (:func:`decode_rgb`); pixels then differ slightly from a full decode.
+    """
+
+    def __init__(self, base, source, teacher_cfg: ViewConfig, student_size: int, render_teacher: bool = False,
+                 extra_aug: bool = False, fast_decode: bool = False, seed: int = 0):
+        self.base, self.source, self.teacher_cfg = base, source, teacher_cfg
+        self.student_cfg = replace(teacher_cfg, size=int(student_size))
+        self.sigma_scale = student_size / teacher_cfg.size
+        self.render_teacher, self.extra_aug, self.fast_decode, self.seed = render_teacher, extra_aug, fast_decode, seed
+        self.k = source.k
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = int(key[0]), int(key[1])
+        if self.source.needs_size:
+            img = decode_rgb(self.base, i)
+            slots, params, targets = self.source.take(i, epoch, img.shape[1], img.shape[2])
+        else:
+            slots, params, targets = self.source.take(i, epoch)
+            min_crop = (float(params[:, 2].min()), float(params[:, 3].min())) if self.fast_decode else None
+            img = decode_rgb(self.base, i, min_crop, max(self.student_cfg.size,
+                                                         self.teacher_cfg.size if self.render_teacher else 0))
+        student_params = params.copy()
+        student_params[:, _SIGMA] *= self.sigma_scale
+        views = []
+        for v in range(self.k):
+            view = render_view(img, student_params[v], self.student_cfg)
+            if self.extra_aug:
+                view = _extra_augment(view, np.random.default_rng([self.seed, i, epoch, int(slots[v]), 0xE7A]))
+            views.append(view)
+        tviews = (torch.stack([render_view(img, p, self.teacher_cfg) for p in params]) if self.render_teacher
+                  else torch.zeros(0, dtype=torch.uint8))
+        t = torch.from_numpy(targets) if targets is not None else torch.zeros(self.k, 0)
+        return torch.stack(views), t, i, torch.from_numpy(slots), tviews
