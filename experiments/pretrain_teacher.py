@@ -16,7 +16,7 @@ from fkd_ssl.ssl import METHODS, MoCo, SimSiam
 from fkd_ssl.views import RandomViewsDataset, ViewConfig
 
 #: settings that define a run: changing one needs another --out
-IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "epochs", "batch_size", "seed", "queue_size",
+IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "jitter", "hue", "gray_p", "epochs", "batch_size", "seed", "queue_size",
             "temperature", "momentum", "proj_dim", "proj_hidden", "optimizer", "lr", "weight_decay", "warmup_epochs")
 
 
@@ -25,8 +25,12 @@ def parse(argv=None):
     cli.add_common_args(p, epochs=45, batch_size=128, workers=1, arch="resnet18")
     p.add_argument("--method", choices=METHODS, default="moco")
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
-    p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=64, help="training crop side (px)")
+    p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=48, help="training crop side (px)")
     p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.2, help="RandomResizedCrop min scale")
+    p.add_argument("--jitter", type=cli.nonneg_float("--jitter"), default=0.8,
+                   help="colour-jitter strength for brightness, contrast and saturation (MoCo v2: 0.4)")
+    p.add_argument("--hue", type=cli.nonneg_float("--hue"), default=0.5, help="hue jitter (MoCo v2: 0.1)")
+    p.add_argument("--gray-p", type=cli.nonneg_float("--gray-p"), default=0.5, help="grayscale probability (MoCo v2: 0.2)")
     p.add_argument("--queue-size", type=cli.positive_int("--queue-size"), default=4096, help="MoCo queue length")
     p.add_argument("--temperature", type=cli.positive_float("--temperature"), default=0.2)
     p.add_argument("--momentum", type=cli.positive_float("--momentum"), default=0.99, help="MoCo key-encoder EMA (start)")
@@ -42,6 +46,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.crop_min > 1:
         p.error(f"--crop-min must be <= 1, got {args.crop_min}")
+    if args.hue > 0.5 or args.gray_p > 1:
+        p.error("--hue must be <= 0.5 and --gray-p <= 1")
     return args
 
 
@@ -63,7 +69,8 @@ def main(argv=None) -> int:
             task = MoCo(encoder, args.queue_size, args.temperature, args.momentum, channels_last, ctx.distributed)
         else:
             task = SimSiam(encoder, channels_last)
-        views = ViewConfig(size=args.input_size, scale=(args.crop_min, 1.0))
+        views = ViewConfig(size=args.input_size, scale=(args.crop_min, 1.0), brightness=args.jitter,
+                           contrast=args.jitter, saturation=args.jitter, hue=args.hue, gray_p=args.gray_p)
         dataset = RandomViewsDataset(train_set, views, args.seed, n_views=2)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                           optim=OptimConfig(args.optimizer, args.lr, args.weight_decay, 0.9, args.warmup_epochs),

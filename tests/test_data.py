@@ -26,8 +26,8 @@ def test_synthetic_is_deterministic_and_balanced(tmp_path, data_root):
 def test_synthetic_seed_changes_content(tmp_path):
     a = ensure_synthetic(tmp_path, SyntheticConfig(train=10, val=10, size=32, seed=0), verbose=False)
     b = ensure_synthetic(tmp_path, SyntheticConfig(train=10, val=10, size=32, seed=1), verbose=False)
-    pa = np.asarray(Image.open(next((a / "train" / "circle").iterdir())))
-    pb = np.asarray(Image.open(next((b / "train" / "circle").iterdir())))
+    pa = np.asarray(Image.open(next((a / "train" / SYNTHETIC_CLASSES[0]).iterdir())))
+    pb = np.asarray(Image.open(next((b / "train" / SYNTHETIC_CLASSES[0]).iterdir())))
     assert not np.array_equal(pa, pb)
 
 

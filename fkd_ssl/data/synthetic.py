@@ -1,17 +1,19 @@
-"""The built-in ``synthetic`` dataset: seeded, procedurally drawn shapes in clutter.
+"""The built-in ``synthetic`` dataset: seeded, procedurally drawn textures with clutter.
 
-Ten shape classes (circle, ring, crescent, triangle, square, star, cross, arrow, L, hourglass)
-are drawn with a random colour or texture, size, position and rotation on a cluttered
-background (colour gradient, low-frequency noise, random lines and small blobs).  The class
-is the *shape* alone: colour, position, scale, rotation and background are nuisance factors,
-so nearest neighbours on raw pixels do poorly while an encoder that learned shape features
-does well.
+Ten texture classes (stripes, checker, dots, rings, zigzag, grid, blobs, bricks, sunburst,
+waves) fill each image with two random colours at a random scale, orientation and phase,
+under random illumination, noise, occluding flat shapes and stray lines.  The class is the
+*pattern* alone: colours, scale, orientation, phase and clutter are nuisance factors, so
+nearest neighbours on raw pixels do poorly while an encoder that learned texture features
+does well.  Because the pattern covers the whole image, every random crop shows the class —
+which is what lets a self-supervised teacher learn it in minutes on a CPU, and what region-
+level (per-crop) targets are about.
 
 Images are written once as JPEG files in ImageFolder layout::
 
-    <root>/synthetic-v1-<options>/train/<class>/<index>.jpg
-    <root>/synthetic-v1-<options>/val/<class>/<index>.jpg
-    <root>/synthetic-v1-<options>/manifest.json
+    <root>/synthetic-v2-<options>/train/<class>/<index>.jpg
+    <root>/synthetic-v2-<options>/val/<class>/<index>.jpg
+    <root>/synthetic-v2-<options>/manifest.json
 
 Generation writes into a temporary folder that is renamed into place at the end, so a killed
 generation never leaves a half-written dataset behind, and a finished one is reused.
@@ -29,24 +31,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from ..errors import DataError
 
-CLASSES = (
-    "circle",
-    "ring",
-    "crescent",
-    "triangle",
-    "square",
-    "star",
-    "cross",
-    "arrow",
-    "ell",
-    "hourglass",
-)
+CLASSES = ("stripes", "checker", "dots", "rings", "zigzag", "grid", "blobs", "bricks", "sunburst", "waves")
 
-FORMAT_VERSION = 1
+#: shapes drawn as occluding clutter (not classes)
+SHAPES = ("circle", "ring", "crescent", "triangle", "square", "star", "cross", "arrow", "ell", "hourglass")
+
+FORMAT_VERSION = 2
 _SPLIT_CODES = {"train": 1, "val": 2}
 
 
@@ -115,7 +109,7 @@ def _shape_parts(name: str) -> list[tuple[np.ndarray, bool]]:
     raise ValueError(name)
 
 
-_PARTS = {name: _shape_parts(name) for name in CLASSES}
+_PARTS = {name: _shape_parts(name) for name in SHAPES}
 
 # ---------------------------------------------------------------- rendering
 
@@ -138,37 +132,6 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(img, dtype=np.float32) / 127.5 - 1
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Cluttered background, float32 (size, size, 3) in [0, 1]."""
-    c0, c1 = _random_colour(rng), _random_colour(rng)
-    angle = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
-    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
-    bg = c0[None, None] * (1 - ramp[..., None]) + c1[None, None] * ramp[..., None]
-    noise = _smooth_noise(rng, size, int(rng.integers(3, 12)))
-    bg = bg + rng.uniform(0.05, 0.25) * noise[..., None] * _random_colour(rng)[None, None]
-    bg = bg + rng.normal(0, rng.uniform(0.0, 0.06), size=bg.shape)
-    return np.clip(bg, 0, 1).astype(np.float32)
-
-
-def _fill(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Foreground fill: a solid colour, stripes or a noisy texture; (size, size, 3)."""
-    kind = rng.integers(3)
-    c0 = _random_colour(rng)
-    if kind == 0:
-        return np.broadcast_to(c0, (size, size, 3)).astype(np.float32)
-    c1 = _random_colour(rng)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    if kind == 1:
-        angle = rng.uniform(0, math.pi)
-        period = rng.uniform(4, 12)
-        w = (np.sin(2 * math.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period) > 0).astype(np.float32)
-    else:
-        w = (_smooth_noise(rng, size, int(rng.integers(6, 20))) + 1) / 2
-    return (c0[None, None] * w[..., None] + c1[None, None] * (1 - w[..., None])).astype(np.float32)
-
-
 def _draw_polygons(draw: ImageDraw.ImageDraw, parts, centre, radius, angle, scale2x) -> None:
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     for pts, filled in parts:
@@ -176,32 +139,87 @@ def _draw_polygons(draw: ImageDraw.ImageDraw, parts, centre, radius, angle, scal
         draw.polygon([(float(x) * scale2x, float(y) * scale2x) for x, y in xy], fill=255 if filled else 0)
 
 
+def _pattern(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Weight map in [0, 1], (size, size), of texture class ``label`` (2x supersampled)."""
+    ss = 2
+    n = size * ss
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / ss
+    theta = rng.uniform(0, math.pi)
+    u = np.cos(theta) * xx + np.sin(theta) * yy
+    v = -np.sin(theta) * xx + np.cos(theta) * yy
+    p = rng.uniform(12.0, 24.0)  # period in pixels (at 96 px: still 6+ px after a 2x downscale)
+    u = u + rng.uniform(0, p)
+    v = v + rng.uniform(0, p)
+    cy, cx = rng.uniform(0, size, size=2)
+    dist = np.hypot(yy - cy, xx - cx)
+    name = CLASSES[label]
+    if name == "stripes":
+        w = np.sin(2 * math.pi * u / p) > 0
+    elif name == "checker":
+        w = np.sin(2 * math.pi * u / p) * np.sin(2 * math.pi * v / p) > 0
+    elif name == "dots":
+        du = (u % p) - p / 2
+        dv = (v % p) - p / 2
+        w = np.hypot(du, dv) < p * rng.uniform(0.22, 0.34)
+    elif name == "rings":
+        w = np.sin(2 * math.pi * dist / p) > 0
+    elif name == "zigzag":
+        tri = np.abs(((v / p) % 1.0) - 0.5) * 2  # triangle wave in [0, 1]
+        w = np.sin(2 * math.pi * (u + 0.6 * p * tri) / p) > 0
+    elif name == "grid":
+        t = rng.uniform(0.12, 0.22)
+        w = (np.abs(np.sin(math.pi * u / p)) < t) | (np.abs(np.sin(math.pi * v / p)) < t)
+    elif name == "blobs":
+        w = _smooth_noise(rng, n, max(3, int(n / (p * ss) * 1.2))) > 0
+    elif name == "bricks":
+        row = np.floor(v / (p * 0.6))
+        shifted = u + (row % 2) * p * 0.5
+        w = ((v % (p * 0.6)) < p * 0.1) | ((shifted % p) < p * 0.1)
+    elif name == "sunburst":
+        k = int(rng.integers(6, 14))
+        w = np.sin(k * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, math.pi)) > 0
+    else:  # waves
+        w = np.sin(2 * math.pi * (u + 0.35 * p * np.sin(2 * math.pi * v / (2.2 * p))) / p) > 0
+    w = np.asarray(w, dtype=np.float32)
+    return w.reshape(size, ss, size, ss).mean(axis=(1, 3))
+
+
+def _distinct_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours far enough apart that the pattern stays visible."""
+    c0 = _random_colour(rng)
+    for _ in range(20):
+        c1 = _random_colour(rng)
+        if np.abs(c1 - c0).sum() > 0.6:
+            break
+    return c0, c1
+
+
 def render(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draw one image of class ``label``; returns uint8 (size, size, 3)."""
-    img = _background(rng, size)
-    ss = 2  # supersampling for smooth edges
-    # clutter: thin lines and small blobs of random colours
-    for _ in range(int(rng.integers(2, 7))):
+    """Draw one image of texture class ``label``; returns uint8 (size, size, 3)."""
+    c0, c1 = _distinct_colours(rng)
+    w = _pattern(label, rng, size)[..., None]
+    img = c0[None, None] * (1 - w) + c1[None, None] * w
+    # illumination: a smooth multiplicative gradient plus low-frequency shading
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * math.pi)
+    light = 1 + rng.uniform(0.0, 0.35) * (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) * 2
+    light = light + rng.uniform(0.0, 0.15) * _smooth_noise(rng, size, int(rng.integers(2, 5)))
+    img = img * light[..., None]
+    ss = 2
+    # clutter: occluding flat shapes and stray lines in random colours
+    for _ in range(int(rng.integers(0, 4))):
         mask = Image.new("L", (size * ss, size * ss), 0)
         d = ImageDraw.Draw(mask)
-        if rng.random() < 0.6:
+        if rng.random() < 0.5:
             p = rng.uniform(0, size * ss, size=4)
-            d.line([(p[0], p[1]), (p[2], p[3])], fill=255, width=int(rng.integers(1, 2 * ss + 1)))
+            d.line([(p[0], p[1]), (p[2], p[3])], fill=255, width=int(rng.integers(1, 3 * ss + 1)))
         else:
-            blob = _regular(int(rng.integers(3, 8)), 1.0, rng.uniform(0, math.pi))
-            blob = blob * rng.uniform(0.5, 1.0, size=(len(blob), 1))
-            _draw_polygons(d, [(blob, True)], rng.uniform(0, size, size=2), rng.uniform(0.03, 0.08) * size, 0.0, ss)
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            radius = rng.uniform(0.08, 0.2) * size
+            _draw_polygons(d, _PARTS[shape], rng.uniform(0, size, size=2), radius, rng.uniform(0, 2 * math.pi), ss)
         m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255
         img = img * (1 - m) + _random_colour(rng)[None, None] * m
-    # the object
-    radius = rng.uniform(0.22, 0.40) * size
-    centre = rng.uniform(radius * 0.8, size - radius * 0.8, size=2)
-    mask = Image.new("L", (size * ss, size * ss), 0)
-    _draw_polygons(ImageDraw.Draw(mask), _PARTS[CLASSES[label]], centre, radius, rng.uniform(0, 2 * math.pi), ss)
-    if rng.random() < 0.5:  # an outline in another colour, sometimes
-        mask = mask.filter(ImageFilter.MaxFilter(3))
-    m = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255
-    img = img * (1 - m) + _fill(rng, size) * m
+    img = img + rng.normal(0, rng.uniform(0.0, 0.05), size=img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
