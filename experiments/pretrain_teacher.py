@@ -22,7 +22,7 @@ IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "jitter"
 
 def parse(argv=None):
     p = cli.parser(__doc__)
-    cli.add_common_args(p, epochs=45, batch_size=128, workers=1, arch="resnet18")
+    cli.add_common_args(p, epochs=10, batch_size=128, workers=1, arch="resnet18")
     p.add_argument("--method", choices=METHODS, default="moco")
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=48, help="training crop side (px)")
@@ -31,7 +31,8 @@ def parse(argv=None):
                    help="colour-jitter strength for brightness, contrast and saturation (MoCo v2: 0.4)")
     p.add_argument("--hue", type=cli.nonneg_float("--hue"), default=0.5, help="hue jitter (MoCo v2: 0.1)")
     p.add_argument("--gray-p", type=cli.nonneg_float("--gray-p"), default=0.5, help="grayscale probability (MoCo v2: 0.2)")
-    p.add_argument("--queue-size", type=cli.positive_int("--queue-size"), default=4096, help="MoCo queue length")
+    p.add_argument("--queue-size", type=cli.positive_int("--queue-size"), default=512,
+                   help="MoCo queue length (a short queue learns faster in short runs; MoCo v2 uses 65536)")
     p.add_argument("--temperature", type=cli.positive_float("--temperature"), default=0.2)
     p.add_argument("--momentum", type=cli.positive_float("--momentum"), default=0.99, help="MoCo key-encoder EMA (start)")
     p.add_argument("--proj-dim", type=cli.positive_int("--proj-dim"), default=128)
