@@ -19,7 +19,7 @@ from pathlib import Path
 from fkd_ssl import cli
 from fkd_ssl import dist as fdist
 from fkd_ssl.data import build_dataset
-from fkd_ssl.distill import (SSL_METHODS, DistillTask, build_student, check_head_dim, default_views, open_store,
+from fkd_ssl.distill import (SSL_METHODS, DistillTask, build_student, check_head_dim, open_store,
                              store_views)
 from fkd_ssl.engine import OptimConfig, TrainConfig, train
 from fkd_ssl.errors import ConfigError
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             args.store = str(Path(args.store).resolve())
         teacher, teacher_id = None, None
         if args.online_teacher:
-            from fkd_ssl.teacher import load_teacher
+            from fkd_ssl.teacher import default_views, load_teacher
 
             kind = store.identity["teacher"].get("target") if store is not None else None
             temp = (store.identity["teacher"].get("temp") or 1.0) if store is not None else 1.0

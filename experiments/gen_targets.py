@@ -23,7 +23,7 @@ from fkd_ssl.errors import ConfigError
 from fkd_ssl.generate import generate
 from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from fkd_ssl.store.layout import HEADER
-from fkd_ssl.teacher import TARGET_KINDS, load_teacher
+from fkd_ssl.teacher import TARGET_KINDS, default_views, load_teacher
 from fkd_ssl.views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
 
 FEATURE_CODECS = ("fp32", "fp16", "int8", "pq")
@@ -51,9 +51,11 @@ def parse(argv=None):
     p.add_argument("--view-size", type=cli.positive_int("--view-size"), default=None,
                    help="side of the views the teacher sees (default: the teacher's input size)")
     p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=None,
-                   help="RandomResizedCrop min scale (default 0.2 for SSL targets, 0.08 for probs)")
+                   help="RandomResizedCrop min scale (default: the teacher's training views; 0.2 for other "
+                        "embedding teachers, 0.08 for probs)")
     p.add_argument("--photometric", choices=("auto", "on", "off"), default="auto",
-                   help="store colour/blur/solarize parameters too (auto: on for SSL targets, off for probs)")
+                   help="photometric augmentation of the views (auto: as the teacher was trained, MoCo v2's for "
+                        "other embedding teachers, off for probs)")
     p.add_argument("--shard-size", type=cli.positive_int("--shard-size"), default=4096, help="images per shard file")
     p.add_argument("--group", type=cli.positive_int("--group"), default=8,
                    help="images whose views go through the teacher together (fixed, so results are reproducible)")
@@ -111,11 +113,15 @@ def main(argv=None) -> int:
         out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, teacher_name))
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
-        ssl_target = teacher.kind != "probs"
-        photometric = ssl_target if args.photometric == "auto" else args.photometric == "on"
-        crop_min = args.crop_min if args.crop_min is not None else (0.2 if ssl_target else 0.08)
-        views = ViewConfig(size=args.view_size or teacher.input_size, scale=(crop_min, 1.0), photometric=photometric,
-                           interpolation="bicubic" if teacher.model.spec.interpolation == "bicubic" else "bilinear")
+        views = default_views(teacher)
+        overrides = {}
+        if args.view_size:
+            overrides["size"] = args.view_size
+        if args.crop_min is not None:
+            overrides["scale"] = (args.crop_min, views.scale[1])
+        if args.photometric != "auto":
+            overrides["photometric"] = args.photometric == "on"
+        views = ViewConfig.from_dict({**views.to_dict(), **overrides})
         identity = {"teacher": teacher_id, "views": views.to_dict(), "seed": args.seed, "group": args.group,
                     "dataset": {"fingerprint": train_set.fingerprint(), "split": args.split,
                                 "num_classes": train_set.num_classes}}

@@ -17,7 +17,7 @@ from fkd_ssl.views import RandomViewsDataset, ViewConfig
 
 #: settings that define a run: changing one needs another --out
 IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "jitter", "hue", "gray_p", "epochs", "batch_size", "seed", "queue_size",
-            "temperature", "momentum", "proj_dim", "proj_hidden", "optimizer", "lr", "weight_decay", "warmup_epochs")
+            "temperature", "momentum", "proj_dim", "proj_hidden", "head_bn", "optimizer", "lr", "weight_decay", "warmup_epochs")
 
 
 def parse(argv=None):
@@ -37,6 +37,7 @@ def parse(argv=None):
     p.add_argument("--momentum", type=cli.positive_float("--momentum"), default=0.99, help="MoCo key-encoder EMA (start)")
     p.add_argument("--proj-dim", type=cli.positive_int("--proj-dim"), default=128)
     p.add_argument("--proj-hidden", type=cli.positive_int("--proj-hidden"), default=512)
+    p.add_argument("--head-bn", action="store_true", help="BatchNorm in the projection head")
     p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default="sgd")
     p.add_argument("--lr", type=cli.positive_float("--lr"), default=0.06, help="for a global batch of 256")
     p.add_argument("--weight-decay", type=cli.nonneg_float("--weight-decay"), default=5e-4)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         spec = ModelSpec(arch=args.arch, stem=args.stem, head="moco" if args.method == "moco" else "simsiam",
-                         head_hidden=args.proj_hidden, head_out=args.proj_dim,
+                         head_hidden=args.proj_hidden, head_out=args.proj_dim, head_bn=args.head_bn,
                          predictor_hidden=args.proj_hidden // 2 if args.method == "simsiam" else 0,
                          input_size=args.input_size)
         channels_last = ctx.device.type == "cuda"

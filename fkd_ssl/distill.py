@@ -62,15 +62,6 @@ def store_views(store) -> ViewConfig:
     return ViewConfig.from_dict(store.identity["views"])
 
 
-def default_views(teacher) -> ViewConfig:
-    """The views gen_targets.py would store for ``teacher`` (a TeacherTargets) by default: MoCo v2
-    views at the teacher's input size for SSL targets, geometry-only crops (min scale 0.08) for
-    class probabilities.  Used by the online baseline when no store is given."""
-    probs = teacher.kind == "probs"
-    return ViewConfig(size=teacher.input_size, scale=(0.08 if probs else 0.2, 1.0), photometric=not probs,
-                      interpolation="bicubic" if teacher.model.spec.interpolation == "bicubic" else "bilinear")
-
-
 def check_head_dim(head_dim: int | None, target_dim: int, what: str = "the store's targets") -> int:
     """The student's output dim: ``target_dim``, or ConfigError if ``--head-dim`` says otherwise."""
     if head_dim is not None and head_dim != target_dim:

@@ -45,6 +45,7 @@ class ModelSpec:
     head_hidden: int = 2048
     head_out: int = 128
     head_layers: int = 2
+    head_bn: bool = False  # BatchNorm in the MoCo projection head (MoCo v3 / SimCLR v2 style)
     predictor_hidden: int = 0
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -173,7 +174,7 @@ class Encoder(nn.Module):
 
             if spec.head == "moco":
                 self.projector = heads.MoCoProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out,
-                                                          num_layers=spec.head_layers)
+                                                          num_layers=spec.head_layers, batch_norm=spec.head_bn)
             else:
                 self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
         if spec.predictor_hidden > 0:

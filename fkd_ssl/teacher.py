@@ -53,6 +53,7 @@ class TeacherTargets(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.kind, self.temp, self.channels_last = kind, float(temp), channels_last
+        self.trained_views: dict | None = None  # the view distribution the teacher was trained on, if known
 
     @property
     def dim(self) -> int:
@@ -80,6 +81,23 @@ class TeacherTargets(nn.Module):
         return out.float()
 
 
+def default_views(teacher: TeacherTargets) -> "ViewConfig":
+    """The views a store for ``teacher`` holds unless flags say otherwise.
+
+    Class probabilities: geometry-only RandomResizedCrop (min scale 0.08), as FKD's soft labels.
+    Embeddings: the teacher's own training view distribution when its checkpoint records one
+    (teachers from ``pretrain_teacher.py``), else MoCo v2's; always at the teacher's input size.
+    """
+    from .views import ViewConfig
+
+    interp = "bicubic" if teacher.model.spec.interpolation == "bicubic" else "bilinear"
+    if teacher.kind == "probs":
+        return ViewConfig(size=teacher.input_size, scale=(0.08, 1.0), photometric=False, interpolation=interp)
+    if teacher.trained_views:
+        return ViewConfig.from_dict({**teacher.trained_views, "size": teacher.input_size})
+    return ViewConfig(size=teacher.input_size, scale=(0.2, 1.0), photometric=True, interpolation=interp)
+
+
 def load_teacher(ref: str, arch: str | None = None, kind: str | None = None, temp: float = 1.0,
                  device: torch.device | str = "cpu") -> tuple[TeacherTargets, dict]:
     """Load a teacher reference (see :func:`fkd_ssl.checkpoint.load_model`) as a target function.
@@ -89,6 +107,7 @@ def load_teacher(ref: str, arch: str | None = None, kind: str | None = None, tem
     model, meta = load_model(ref, arch=arch, device=device)
     dev = torch.device(device)
     teacher = TeacherTargets(model, kind, temp, channels_last=dev.type == "cuda").to(dev)
+    teacher.trained_views = meta.get("views") if isinstance(meta.get("views"), dict) else None
     identity = {"hash": model_identity(str(ref)), "arch": model.spec.arch,
                 "method": meta.get("method", "unknown"), "target": teacher.kind,
                 "temp": teacher.temp if teacher.kind == "probs" else None, "dim": teacher.dim,

@@ -171,3 +171,16 @@ def test_bad_images_are_converted_or_skipped(tmp_path, teacher_ckpt):
     assert len(valid) == len(ds) - 3
     names = {Path(ds.source(i)).name for i in valid}
     assert {"cmyk.jpg", "sixteen.png", "palette.png", "gray.jpg", "huge.jpg"} <= names
+
+
+def test_default_views_follow_the_teachers_training_views(tmp_path, teacher_ckpt):
+    from fkd_ssl.teacher import default_views
+
+    teacher, _ = load_teacher(str(teacher_ckpt))  # no recorded views: MoCo v2's, at the teacher's size
+    assert teacher.trained_views is None and default_views(teacher) == ViewConfig(size=32)
+    model, meta = __import__("fkd_ssl.checkpoint", fromlist=["x"]).load_model(teacher_ckpt)
+    trained = ViewConfig(size=48, hue=0.5, gray_p=0.5, scale=(0.3, 1.0))
+    path = save_model(tmp_path / "t", model, {**meta, "views": trained.to_dict()})
+    teacher, _ = load_teacher(str(path))
+    views = default_views(teacher)
+    assert views.size == 32 and views.hue == 0.5 and views.gray_p == 0.5 and views.scale == (0.3, 1.0)
