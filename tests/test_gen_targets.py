@@ -184,3 +184,23 @@ def test_default_views_follow_the_teachers_training_views(tmp_path, teacher_ckpt
     teacher, _ = load_teacher(str(path))
     views = default_views(teacher)
     assert views.size == 32 and views.hue == 0.5 and views.gray_p == 0.5 and views.scale == (0.3, 1.0)
+
+
+def test_classifier_teacher_writes_topk_soft_labels(tmp_path, data_root):
+    torch.manual_seed(0)
+    clf = Encoder(ModelSpec(arch="resnet10t", stem="small", input_size=32, num_classes=10)).eval()
+    ckpt = save_model(tmp_path / "clf", clf, {"method": "test"})
+    res = _gen(data_root, ckpt, tmp_path / "s", "--topk", "3")
+    assert res.returncode == 0, res.stderr
+    store = TargetStore.open(tmp_path / "s", verify=True)
+    assert store.manifest["codec"]["name"] == "topk" and store.target_dim == 10
+    views = store.manifest["identity"]["views"]
+    assert views["photometric"] is False and views["scale"][0] == 0.08  # FKD's geometry-only crops
+    probs = store.targets(np.arange(4), np.zeros(4, dtype=int))
+    assert np.allclose(probs.sum(1), 1, atol=1e-2) and (probs > 0).all()  # marginal smoothing
+    ds = build_dataset(TINY, "train", data_root)
+    teacher, _ = load_teacher(str(ckpt))
+    p = store.params(0, 0)
+    fresh = teacher(render_view(pil_to_uint8_tensor(ds.load(0)), p, ViewConfig.from_dict(views))[None]).numpy()[0]
+    top = np.argsort(-fresh)[:3]
+    assert set(top) == set(np.argsort(-probs[0])[:3]) and np.allclose(probs[0][top], fresh[top], atol=2e-3)
