@@ -121,17 +121,17 @@ def default_run_dir(kind: str, data: str, *parts: str) -> Path:
     return Path("runs") / f"{kind}-{slug}"
 
 
-def prepare_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create the output folder; ConfigError naming the flag if it is a file or not writable."""
+def prepare_out_dir(out: str | os.PathLike, flag: str = "--out", error: type[FKDError] = ConfigError) -> Path:
+    """Create a folder a flag names; ``error`` naming the flag if it is a file or not writable."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file, not a folder")
+        raise error(f"{flag} {path} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create it ({e.strerror})") from e
+        raise error(f"{flag} {path}: cannot create it ({e.strerror})") from e
     if not os.access(path, os.W_OK):
-        raise ConfigError(f"{flag} {path} is not writable")
+        raise error(f"{flag} {path} is not writable")
     return path
 
 

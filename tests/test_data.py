@@ -108,3 +108,10 @@ def test_load_rgb_names_corrupt_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match="empty.png"):
         load_rgb(empty)
+
+
+def test_data_root_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "root").write_text("not a folder")
+    with pytest.raises(DataError, match="--data-root .*root is a file"):
+        build_dataset(TINY, "train", tmp_path / "root")
+    assert (tmp_path / "root").read_text() == "not a folder"

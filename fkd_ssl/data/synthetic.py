@@ -244,18 +244,14 @@ def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) 
 
 def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), verbose: bool = True) -> Path:
     """Return the folder of the generated dataset, generating it first if needed."""
+    from ..cli import prepare_out_dir
     from ..progress import bar
 
     root = Path(root).expanduser()
     final = root / cfg.dirname
     if (final / "manifest.json").is_file():
         return final
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the data root {root} (--data-root): {e.strerror}") from e
-    if not os.access(root, os.W_OK):
-        raise DataError(f"the data root {root} (--data-root) is not writable")
+    prepare_out_dir(root, "--data-root", DataError)
     tmp = root / f".{cfg.dirname}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
