@@ -1,26 +1,118 @@
-"""``python -m fkd_ssl.store verify PATH``: recompute a store's checksums.
+"""``python -m fkd_ssl.store COMMAND``: check, describe, import and export target stores.
 
-Prints ``OK <path> (...)`` and exits 0, or ``error: <the failing file and why>`` and exits 2.
-``python -m fkd_ssl.store info PATH`` prints the manifest's summary without reading arrays.
+* ``verify PATH``: recompute a store's checksums; prints ``OK <path> (...)`` and exits 0, or
+  ``error: <the failing file and why>`` and exits 2.
+* ``info PATH``: the manifest's summary, without reading arrays.
+* ``import-fkd FOLDER --data SPEC --out STORE``: the published FKD soft labels of ``--data``'s
+  images (one ``torch.save`` file per image) -> a target store (codec ``topk``).
+* ``export-fkd STORE --data SPEC --out FOLDER``: a store of class probabilities -> FKD's
+  per-image layout, readable by the reference training code.
+
+Import and export never unpickle code, resume when rerun, leave a finished result alone and
+refuse to replace another one without ``--overwrite``.  Format: ``docs/store.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from pathlib import Path
 from typing import Sequence
 
-from ..errors import FKDError
+from .. import cli
 from .store import TargetStore
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fkd_ssl.store", description="Check or describe a target store.")
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = cli.parser("Check, describe, import or export a target store.")
+    p.prog = "python -m fkd_ssl.store"
     sub = p.add_subparsers(dest="cmd", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     sub.add_parser("verify", help="recompute every checksum").add_argument("path")
     sub.add_parser("info", help="print the manifest summary").add_argument("path")
-    args = p.parse_args(argv)
+
+    imp = sub.add_parser("import-fkd", formatter_class=fmt, help="published FKD soft labels -> a target store",
+                         description="Convert FKD soft labels (one torch.save file per image, mirroring the image "
+                                     "tree) into a target store with the topk codec. Rerunning resumes.")
+    imp.add_argument("folder", help="the FKD soft-label folder (the reference trainer's --softlabel_path, holding "
+                                    "<split>/<class>/<image name>.tar)")
+    cli.add_common_args(imp, ("data", "data_root", "out", "workers"), workers=2)
+    imp.add_argument("--split", choices=("train", "val"), default="train", help="the image split the labels are for")
+    imp.add_argument("--num-classes", type=cli.positive_int("--num-classes"), default=None,
+                     help="classes of the teacher (default: the number of class folders of --data)")
+    imp.add_argument("--topk-mode", choices=("smooth", "renorm"), default="smooth",
+                     help="how a student rebuilds the distribution: marginal smoothing (label types "
+                          "marginal_smoothing_k*, smoothing, hard) or renormalised top-k (marginal_renorm)")
+    imp.add_argument("--view-size", type=cli.positive_int("--view-size"), default=224,
+                     help="the side the teacher saw its crops at (the generator's --input_size); recorded only")
+    imp.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.08,
+                     help="RandomResizedCrop min scale the generator used (recorded only)")
+    imp.add_argument("--crop-max", type=cli.positive_float("--crop-max"), default=0.936,
+                     help="RandomResizedCrop max scale the generator used (recorded only)")
+    imp.add_argument("--shard-size", type=cli.positive_int("--shard-size"), default=4096, help="images per shard file")
+    imp.add_argument("--overwrite", action="store_true", help="replace a store made from other labels or settings")
+
+    exp = sub.add_parser("export-fkd", formatter_class=fmt, help="a store of class probabilities -> FKD's layout",
+                         description="Write a target store of class probabilities as FKD soft labels: one "
+                                     "torch.save file of numpy arrays per image, mirroring --data's image tree.")
+    exp.add_argument("store", help="the target store (codec topk, or any store of --target probs)")
+    cli.add_common_args(exp, ("data", "data_root", "out"))
+    exp.add_argument("--split", choices=("train", "val"), default=None,
+                     help="default: the split the store was made for")
+    exp.add_argument("--topk", type=cli.positive_int("--topk"), default=None,
+                     help="classes kept per crop (default: the store's k for a topk store, else 5)")
+    exp.add_argument("--fp16", action="store_true", help="float16 coords and labels (the generator's --use_fp16)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="rewrite another export, or write into a non-empty folder")
+    return p.parse_args(argv)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ..data import build_dataset
+    from ..views import ViewConfig
+    from .fkd_format import import_fkd
+
+    default = cli.default_run_dir("store", args.data, "fkd-" + Path(args.folder).resolve().name)
+    out = cli.prepare_out_dir(args.out or default)
+    ds = build_dataset(args.data, args.split, args.data_root)
+    views = ViewConfig(size=args.view_size, scale=(args.crop_min, args.crop_max), photometric=False,
+                       interpolation="bicubic")
+    print("config: " + json.dumps({**vars(args), "out": str(out), "git_sha": cli.git_sha()}, sort_keys=True,
+                                  default=str), flush=True)
+    r = import_fkd(args.folder, ds, out, num_classes=args.num_classes, mode=args.topk_mode, views=views,
+                   shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite)
+    store = TargetStore.open(out)
+    clamped = f", {r.clamped} crop boxes clamped into their image" if r.clamped else ""
+    print(f"store: {out} ({store.num_images} images x {store.views_per_image} views, topk k={r.k} of "
+          f"{r.num_classes} classes, {args.topk_mode} ({r.label_type}), {store.nbytes() / 2**20:.1f} MiB; "
+          f"this run {r.written} images{clamped})", flush=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..data import build_dataset
+    from .fkd_format import export_fkd
+
+    store = TargetStore.open(args.store)
+    split = args.split or (store.identity.get("dataset") or {}).get("split") or "train"
+    default = cli.default_run_dir("fkd-labels", args.data, Path(args.store).resolve().name)
+    out = cli.prepare_out_dir(args.out or default)
+    ds = build_dataset(args.data, split, args.data_root)
+    print("config: " + json.dumps({**vars(args), "split": split, "out": str(out), "git_sha": cli.git_sha()},
+                                  sort_keys=True, default=str), flush=True)
+    r = export_fkd(args.store, ds, out, k=args.topk, fp16=args.fp16, overwrite=args.overwrite)
+    print(f"fkd labels: {out} ({r.files} files, {store.views_per_image} crops each, top {r.k}, "
+          f"{'float16' if args.fp16 else 'float32'}; this run {r.written} files; train with "
+          f"--softlabel_path {out} --soft_label_type {r.label_type} --num_classes {store.target_dim})", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.cmd == "import-fkd":
+        return _import(args)
+    if args.cmd == "export-fkd":
+        return _export(args)
     store = TargetStore.open(args.path)
     if args.cmd == "verify":
         store.verify()
@@ -34,9 +126,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except FKDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+    cli.run_main(main)

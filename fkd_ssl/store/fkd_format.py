@@ -1,0 +1,787 @@
+"""Published FKD soft labels <-> target stores.
+
+The reference FKD code (Shen & Xing, ECCV 2022) keeps its soft labels as **one file per
+training image**, mirroring the image tree, written with ``torch.save`` (a pickle)::
+
+    <softlabel folder>/<split>/<class>/<image name up to its first dot>.tar
+
+holding a plain list ``[coords, flips, labels]`` of numpy arrays, for R crops of the image:
+
+* ``coords`` float32 (R, 4) (float16 with the generator's ``--use_fp16``): the crop box as
+  fractions of the image, ``[top / H, left / W, height / H, width / W]``;
+* ``flips`` bool (R,): whether the crop was flipped horizontally (after cropping);
+* ``labels`` float32 (R, 2, k) (float16 with ``--use_fp16``): per crop the top-k class indices
+  (row 0, stored as floats, descending probability) and their probabilities (row 1).  Older
+  label types hold ``(R, 2)`` (``smoothing``: top-1 index and value) or ``(R,)`` int64
+  (``hard``: the top-1 index); both are read as k = 1.
+
+The reference reader crops a PIL image with ``top = y * H``, ``left = x * W``, ``height = h * H``,
+``width = w * W`` as floats; PIL rounds the box *corners* (``round(left)``, ``round(top)``,
+``round(left + width)``, ``round(top + height)``, half to even).  :func:`coords_to_params`
+snaps each box to exactly those pixels, so :func:`fkd_ssl.views.render_view` replays the crop
+the reference code takes (see ``docs/store.md``, "Published FKD soft labels").
+
+Reading never executes pickled code: :func:`load_label_file` uses
+``torch.load(weights_only=True)`` with an allow-list (scoped, :func:`numpy_safe_globals`) of
+only numpy's array reconstructor, ``ndarray``, ``dtype`` and the concrete dtype classes; any
+other global (e.g. an object whose ``__reduce__`` calls ``os.system``) is refused.
+
+:func:`import_fkd` converts such a folder into a target store (codec ``topk``, geometry-only
+views); :func:`export_fkd` writes any store of class probabilities back in that layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..views import PARAM_FIELDS, VIEW_PARAM_DIM, ViewConfig
+from . import layout as L
+
+LABEL_SUFFIX = ".tar"
+EXPORT_MARKER = "fkd_ssl_export.json"
+EXPORT_FORMAT = "fkd_ssl.fkd_export"
+#: images per unit of work when importing (one DataLoader item, one store write)
+IMPORT_CHUNK = 16
+#: largest class index float16 holds exactly (every integer up to 2^11)
+FP16_MAX_CLASSES = 2048
+
+_FLIP = PARAM_FIELDS.index("flip")
+_TMP_LABEL = re.compile(r"^\..+\.tar\.tmp\.\d+$")  # save_label_file's temporary names
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def label_relpath(image_rel: str, split: str) -> str:
+    """Where FKD keeps the labels of one image, relative to the soft-label folder.
+
+    ``image_rel`` is the image's path relative to the split folder (``"n01440764/x_1.JPEG"``);
+    the result is ``"train/n01440764/x_1.tar"``: the same folders, the file name cut at its
+    first dot, ``.tar`` appended (as the reference generator names them).
+    """
+    parts = PurePath(image_rel).parts
+    if not parts:
+        raise DataError(f"empty image path for split {split}")
+    stem = parts[-1].split(".")[0]
+    return "/".join((split, *parts[:-1], stem + LABEL_SUFFIX))
+
+
+def label_relpaths(image_rels: Sequence[str], split: str) -> list[str]:
+    """:func:`label_relpath` of every image; DataError naming both images if two share a label file."""
+    out, seen = [], {}
+    for rel in image_rels:
+        lab = label_relpath(rel, split)
+        if lab in seen:
+            raise DataError(f"images {seen[lab]} and {rel} would share the FKD label file {lab} "
+                            f"(FKD names a label file by the image name up to its first dot)")
+        seen[lab] = rel
+        out.append(lab)
+    return out
+
+
+def resolve_fkd_root(folder: str | os.PathLike, split: str) -> Path:
+    """The soft-label folder holding ``<split>/``: ``folder`` itself, or its only subfolder
+    (the generator's ``--save_path`` adds one level named after the dataset folder)."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"FKD soft-label folder {root} does not exist")
+    if (root / split).is_dir():
+        return root
+    subs = [e for e in sorted(root.iterdir()) if e.is_dir() and not e.name.startswith(".")]
+    if len(subs) == 1 and (subs[0] / split).is_dir():
+        return subs[0]
+    raise DataError(f"FKD soft-label folder {root} has no {split}/ folder "
+                    f"(expected {root}/{split}/<class>/<image name>{LABEL_SUFFIX})")
+
+
+def scan_label_files(root: Path, split: str) -> dict[str, int]:
+    """Every ``*.tar`` under ``root/split``: relative posix path -> size in bytes (sorted)."""
+    found: dict[str, int] = {}
+    base = root / split
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if fn.endswith(LABEL_SUFFIX) and not fn.startswith("."):
+                full = os.path.join(dirpath, fn)
+                found[Path(os.path.relpath(full, root)).as_posix()] = os.path.getsize(full)
+    return dict(sorted(found.items()))
+
+
+def files_fingerprint(files: dict[str, int]) -> str:
+    """A digest of relative names and sizes (16 hex digits), like a dataset fingerprint."""
+    h = hashlib.sha256()
+    for name, size in files.items():
+        h.update(f"{name}\t{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def match_tree(expected: Sequence[str], present: dict[str, int] | set[str], root: Path,
+               image_rels: Sequence[str], data_name: str) -> None:
+    """DataError unless the label files under ``root`` are exactly ``expected`` (one per image).
+
+    Names the first image without a label file (in dataset order) and the first label file
+    without an image (sorted), with their counts.
+    """
+    have = set(present)
+    want = set(expected)
+    missing = [(img, lab) for img, lab in zip(image_rels, expected) if lab not in have]
+    extra = sorted(have - want)
+    if not missing and not extra:
+        return
+    parts = []
+    if missing:
+        img, lab = missing[0]
+        parts.append(f"{len(missing)} images have no label file (first: {img}, expected {root / lab})")
+    if extra:
+        parts.append(f"{len(extra)} label files have no image (first: {root / extra[0]})")
+    raise DataError(f"FKD folder {root} does not match the images of --data {data_name}: " + "; ".join(parts))
+
+
+# ----------------------------------------------------------------------------- safe reading
+
+
+def numpy_safe_globals() -> list:
+    """The allow-list for ``torch.load(weights_only=True)`` of FKD label files.
+
+    Only what a pickled numpy array needs: the reconstructor (under its numpy 1 and numpy 2
+    names), ``numpy.ndarray``, ``numpy.dtype`` and the concrete dtype classes of bool, int,
+    unsigned and float arrays (their ``__setstate__`` is applied when unpickling).
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    dtype_classes = sorted({type(np.dtype(c)) for c in ("?", "f2", "f4", "f8", "i1", "i2", "i4", "i8",
+                                                          "u1", "u2", "u4", "u8")}, key=str)
+    return [np.ndarray, np.dtype, *dtype_classes,
+            (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with :func:`numpy_safe_globals`; DataError
+    (one line, naming the file) for a refused or unreadable file."""
+    import pickle
+
+    import torch
+
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise ConfigError("reading FKD label files needs torch >= 2.5 (torch.serialization.safe_globals), "
+                          f"found torch {torch.__version__}")
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"FKD label file {path} is missing") from None
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.findall(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise DataError(f"FKD label file {path} refused: it needs {found[0]}, which is not a numpy array type "
+                            f"(unpickling it could run code; nothing from it was executed)") from None
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = " ".join((why.group(1) if why else text).split())[:120]
+        raise DataError(f"FKD label file {path} cannot be read as a torch.save file of numpy arrays "
+                        f"({reason}; nothing from it was executed)") from None
+    except Exception as e:  # truncated zip, not a pickle, ...: any failure here is a bad file
+        msg = " ".join(str(e).split())[:200]
+        raise DataError(f"FKD label file {path} cannot be read ({type(e).__name__}: {msg})") from None
+
+
+def _as_numpy(x: Any) -> np.ndarray | None:
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return None
+
+
+@dataclass
+class FKDLabels:
+    """One image's FKD labels, as stored.
+
+    ``coords`` (R, 4) float32 or float16 ``[y, x, h, w]`` fractions; ``flips`` bool (R,);
+    ``indices`` int64 (R, k); ``values`` (R, k) in the file's float dtype; ``layout``:
+    ``"marginal"`` (R, 2, k), ``"smoothing"`` (R, 2) or ``"hard"`` (R,); ``dtype``: the
+    file's float dtype name (``"float32"`` or ``"float16"``).
+    """
+
+    coords: np.ndarray
+    flips: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    layout: str
+    dtype: str
+
+    @property
+    def num_crops(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+def parse_label_state(obj: Any, path: str | os.PathLike) -> FKDLabels:
+    """Check and unpack the object of one label file (see the module docstring)."""
+    def bad(why: str) -> DataError:
+        return DataError(f"FKD label file {path} is not in the FKD layout ({why}; expected "
+                         f"[coords (R,4), flips (R,), labels (R,2,k)])")
+
+    if not isinstance(obj, (list, tuple)) or len(obj) != 3:
+        raise bad(f"holds a {type(obj).__name__}" + (f" of {len(obj)} items" if isinstance(obj, (list, tuple)) else ""))
+    coords, flips, labels = (_as_numpy(a) for a in obj)
+    if coords is None or flips is None or labels is None:
+        raise bad("its items are not arrays")
+    if coords.ndim != 2 or coords.shape[1] != 4 or coords.dtype.kind != "f":
+        raise bad(f"coords are {coords.dtype} {coords.shape}")
+    R = coords.shape[0]
+    if R < 1:
+        raise bad("it holds no crops")
+    if flips.shape != (R,) or flips.dtype.kind not in "biuf":
+        raise bad(f"flips are {flips.dtype} {flips.shape} for {R} crops")
+    if not np.isin(flips, (0, 1)).all():
+        raise bad("flips are not 0/1")
+    if labels.shape == (R,) and labels.dtype.kind in "iuf":
+        layout, idx, val = "hard", labels.reshape(R, 1), np.ones((R, 1), dtype=np.float32)
+    elif labels.shape == (R, 2) and labels.dtype.kind == "f":
+        layout, idx, val = "smoothing", labels[:, :1], labels[:, 1:]
+    elif labels.ndim == 3 and labels.shape[:2] == (R, 2) and labels.shape[2] >= 1 and labels.dtype.kind == "f":
+        layout, idx, val = "marginal", labels[:, 0, :], labels[:, 1, :]
+    else:
+        raise bad(f"labels are {labels.dtype} {labels.shape} for {R} crops")
+    if not np.isfinite(coords).all():
+        raise bad("coords hold NaN or inf")
+    if not np.isfinite(idx).all() or (np.asarray(idx) != np.round(idx)).any():
+        raise bad("class indices are not integers")
+    dtype = (labels if labels.dtype.kind == "f" else coords).dtype.name
+    return FKDLabels(coords=np.ascontiguousarray(coords), flips=np.asarray(flips).astype(bool),
+                     indices=np.asarray(idx).astype(np.int64), values=np.ascontiguousarray(val),
+                     layout=layout, dtype=dtype)
+
+
+def load_label_file(path: str | os.PathLike) -> FKDLabels:
+    """Read one FKD label file without executing pickled code (see :func:`_safe_load`)."""
+    return parse_label_state(_safe_load(Path(path)), path)
+
+
+def label_type_name(layout: str, k: int, mode: str) -> str:
+    """The reference code's ``--label_type`` / ``--soft_label_type`` for a layout and mode."""
+    if layout == "hard":
+        return "hard"
+    if layout == "smoothing":
+        return "smoothing"
+    return f"marginal_smoothing_k{k}" if mode == "smooth" else "marginal_renorm"
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def fkd_crop_box(coords: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The pixel boxes the reference code crops: int64 (R, 4) ``[top, left, bottom, right]``.
+
+    ``coords`` (R, 4) ``[y, x, h, w]`` fractions.  Each corner is computed in float64 as the
+    reference does (``y * H``, ``x * W``, then ``+ h * H``, ``+ w * W``) and rounded half to
+    even, as PIL's ``Image.crop`` rounds a float box.  Boxes may reach outside the image.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    top, left = c[:, 0] * height, c[:, 1] * width
+    bottom, right = top + c[:, 2] * height, left + c[:, 3] * width
+    return np.rint(np.stack([top, left, bottom, right], axis=1)).astype(np.int64)
+
+
+def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int,
+                     width: int) -> tuple[np.ndarray, int]:
+    """FKD crops -> our view parameters: (float32 (R, VIEW_PARAM_DIM), number of boxes clamped).
+
+    The box is snapped to the pixels the reference code takes (:func:`fkd_crop_box`) and stored
+    as fractions ``top / H, left / W, h / H, w / W`` (what :func:`fkd_ssl.views.crop_pixels`
+    turns back into exactly those pixels); ``flip`` is 0/1; photometric fields are 0 (neutral).
+    A box reaching outside the image (PIL would pad it with black) or empty is clamped into the
+    image, at least one pixel a side; those are counted.
+    """
+    box = fkd_crop_box(coords, height, width)
+    top = np.clip(box[:, 0], 0, height - 1)
+    left = np.clip(box[:, 1], 0, width - 1)
+    bottom = np.clip(box[:, 2], top + 1, height)
+    right = np.clip(box[:, 3], left + 1, width)
+    clamped = int((np.stack([top, left, bottom, right], axis=1) != box).any(axis=1).sum())
+    p = np.zeros((len(box), VIEW_PARAM_DIM), dtype=np.float32)
+    p[:, 0] = top / height
+    p[:, 1] = left / width
+    p[:, 2] = (bottom - top) / height
+    p[:, 3] = (right - left) / width
+    p[:, _FLIP] = np.asarray(flips).astype(bool)
+    return p, clamped
+
+
+def params_to_coords(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Our view parameters (R, P >= 5) -> FKD ``coords`` float32 (R, 4) and ``flips`` bool (R,)."""
+    params = np.asarray(params, dtype=np.float32)
+    return np.array(params[:, :4], dtype=np.float32), np.array(params[:, _FLIP] > 0.5, dtype=bool)
+
+
+def photometric_views(params: np.ndarray) -> np.ndarray:
+    """bool (R,): views whose photometric fields are not neutral (FKD cannot replay those)."""
+    params = np.asarray(params)
+    if params.shape[1] <= _FLIP + 1:
+        return np.zeros(len(params), dtype=bool)
+    return (params[:, _FLIP + 1:] != 0).any(axis=1)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def round_toward_zero_f16(values: np.ndarray) -> np.ndarray:
+    """float -> float16 rounded toward zero (as the ``topk`` codec does: the stored top-k never
+    hold more mass than given).  Values already representable in float16 are unchanged."""
+    v = np.asarray(values, dtype=np.float32)
+    half = v.astype(np.float16)
+    up = np.abs(half.astype(np.float32)) > np.abs(v)
+    half[up] = np.nextafter(half[up], np.float16(0))
+    return half
+
+
+def topk_fields(labels: FKDLabels, num_classes: int, path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The ``topk`` codec fields for one file's labels: ``idx`` uint16 (R, k), ``val`` float16 (R, k).
+
+    Kept in the file's order (descending probability).  DataError naming the file if an index
+    is out of range or repeated within a crop, or a value is not a probability.
+    """
+    idx, val = labels.indices, np.asarray(labels.values, dtype=np.float32)
+    bad = idx[(idx < 0) | (idx >= num_classes)]
+    if bad.size:
+        raise DataError(f"FKD label file {path} has class index {int(bad[0])} outside 0..{num_classes - 1} "
+                        f"(pass --num-classes to match the teacher)")
+    if labels.k > 1:
+        s = np.sort(idx, axis=1)
+        if (s[:, 1:] == s[:, :-1]).any():
+            raise DataError(f"FKD label file {path} repeats a class index within a crop")
+    if not np.isfinite(val).all() or val.min() < 0 or val.max() > 1 + 1e-3:
+        raise DataError(f"FKD label file {path} holds values outside [0, 1] (not probabilities)")
+    if float(val.sum(axis=1, dtype=np.float64).max()) > 1 + 1e-2:
+        raise DataError(f"FKD label file {path} has a crop whose top-{labels.k} values sum to more than 1")
+    return {"idx": idx.astype(np.uint16), "val": round_toward_zero_f16(val)}
+
+
+def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of probability rows (B, C): (int64 (B, k), float32 (B, k)), by descending value,
+    ties to the lower class index (the ``topk`` codec's order)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    order = np.lexsort((np.broadcast_to(np.arange(probs.shape[1]), probs.shape), -probs), axis=1)[:, :k]
+    return order.astype(np.int64), np.take_along_axis(probs, order, axis=1)
+
+
+def label_state(coords: np.ndarray, flips: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                fp16: bool = False) -> list[np.ndarray]:
+    """The object one FKD label file holds: ``[coords (R,4), flips bool (R,), labels (R,2,k)]``.
+
+    Plain ``numpy.ndarray`` objects (never subclasses such as memmaps), float32 or, with
+    ``fp16``, float16 coords and labels (the generator's ``--use_fp16``).
+    """
+    ft = np.float16 if fp16 else np.float32
+    lab = np.stack([np.asarray(indices, dtype=np.float32), np.asarray(values, dtype=np.float32)], axis=1)
+    return [np.array(coords, dtype=ft), np.array(flips, dtype=bool), np.array(lab.astype(ft))]
+
+
+def save_label_file(path: Path, state: list[np.ndarray]) -> None:
+    """``torch.save(state, path)`` via a temporary file and rename (a killed write leaves no file)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        torch.save(state, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _pre_encoded_topk(k: int, num_classes: int, mode: str):
+    """A ``topk`` codec whose ``encode`` hands back fields prepared beforehand (``.pending``).
+
+    The store records it as the plain ``topk`` codec (same name, parameters and fields) and
+    reads it with one; it only lets the importer keep FKD's own indices, order and values
+    instead of re-deriving a top-k from reconstructed probabilities (where ties could pick
+    other classes).
+    """
+    from .codecs import TopKCodec
+
+    class _PreEncodedTopK(TopKCodec):
+        pending: dict[str, np.ndarray] | None = None
+
+        def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            fields, self.pending = self.pending, None
+            if fields is None or len(fields["idx"]) != len(x):
+                raise RuntimeError("internal: pre-encoded top-k fields missing or of the wrong length")
+            return fields
+
+    return _PreEncodedTopK(k=k, num_classes=num_classes, mode=mode)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the image header (no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read the size of image {path}: {e}") from None
+    return int(h), int(w)
+
+
+@dataclass
+class _ImportSpec:
+    R: int
+    k: int
+    layout: str
+    dtype: str
+    num_classes: int
+
+
+class _ImportChunks:
+    """DataLoader dataset: chunk ``c`` -> the converted records of its images, or an error.
+
+    Returns ``(indices int64 (B,), params float32 (B, R, P), idx uint16 (B, R, k), val float16
+    (B, R, k), clamped int, error str | None)``.
+    """
+
+    def __init__(self, chunks: list[np.ndarray], image_paths: list[Path], label_paths: list[Path], spec: _ImportSpec):
+        self.chunks, self.image_paths, self.label_paths, self.spec = chunks, image_paths, label_paths, spec
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int):
+        s = self.spec
+        idx = self.chunks[c]
+        B = len(idx)
+        params = np.zeros((B, s.R, VIEW_PARAM_DIM), dtype=np.float32)
+        fi = np.zeros((B, s.R, s.k), dtype=np.uint16)
+        fv = np.zeros((B, s.R, s.k), dtype=np.float16)
+        clamped = 0
+        try:
+            for b, i in enumerate(idx):
+                lp = self.label_paths[int(i)]
+                lab = load_label_file(lp)
+                check_same_shape(lab, s, lp)
+                h, w = _image_size(self.image_paths[int(i)])
+                params[b], n = coords_to_params(lab.coords, lab.flips, h, w)
+                clamped += n
+                f = topk_fields(lab, s.num_classes, lp)
+                fi[b], fv[b] = f["idx"], f["val"]
+        except DataError as e:
+            return idx, None, None, None, 0, str(e)
+        return idx, params, fi, fv, clamped, None
+
+
+def _as_is(item):
+    """DataLoader ``collate_fn`` that keeps numpy arrays as they are (no tensors)."""
+    return item
+
+
+def check_same_shape(lab: FKDLabels, spec: _ImportSpec, path: Path) -> None:
+    """DataError naming ``path`` if its crops, k, layout or dtype differ from the first file's."""
+    got = (lab.num_crops, lab.k, lab.layout, lab.dtype)
+    want = (spec.R, spec.k, spec.layout, spec.dtype)
+    if got != want:
+        raise DataError(f"FKD label file {path} holds {lab.num_crops} crops, k={lab.k}, {lab.layout} labels in "
+                        f"{lab.dtype}; the first file holds {spec.R} crops, k={spec.k}, {spec.layout} in {spec.dtype} "
+                        f"(a store needs the same for every image)")
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_fkd` did: the store's shape, and this run's images and clamped boxes."""
+
+    path: Path
+    num_images: int
+    views_per_image: int
+    k: int
+    num_classes: int
+    label_type: str
+    written: int
+    clamped: int
+    already_complete: bool
+
+
+def image_folder_dataset(dataset, flag: str = "--data"):
+    """``dataset`` if it is a folder of image files (FKD mirrors an image tree), else ConfigError."""
+    from ..data.datasets import ImageFolderDataset
+
+    if not isinstance(dataset, ImageFolderDataset):
+        raise ConfigError(f"{flag} {dataset.name}: FKD soft labels mirror a tree of image files; use an "
+                          f"imagefolder: or synthetic dataset (this one has no image files)")
+    return dataset
+
+
+def import_identity(root: Path, files: dict[str, int], spec: _ImportSpec, mode: str, views: ViewConfig,
+                    dataset) -> dict:
+    """The identity of a store imported from FKD folder ``root`` (what a rerun must match)."""
+    fp = files_fingerprint(files)
+    return {
+        "teacher": {"imported_from": "fkd", "source": str(root.resolve()), "source_fingerprint": fp,
+                    "hash": f"fkd:{fp}", "arch": None, "method": "fkd-import", "target": "probs", "temp": None,
+                    "dim": spec.num_classes, "label_type": label_type_name(spec.layout, spec.k, mode),
+                    "file_dtype": spec.dtype},
+        "views": views.to_dict(),
+        "geometry": "fkd-pil-box",
+        "dataset": {"fingerprint": dataset.fingerprint(), "split": dataset.split,
+                    "num_classes": dataset.num_classes},
+    }
+
+
+def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, num_classes: int | None = None,
+               mode: str = "smooth", views: ViewConfig | None = None, shard_size: int = 4096, workers: int = 0,
+               overwrite: bool = False, show_progress: bool = True,
+               log: Callable[[str], None] = print) -> ImportResult:
+    """Convert the FKD soft labels of ``dataset``'s images into a target store at ``out``.
+
+    ``folder``: the soft-label folder (what the reference trainer takes as ``--softlabel_path``,
+    holding ``<split>/<class>/<name>.tar``; or the generator's ``--save_path`` one level above).
+    Its label files must be exactly one per image of ``dataset`` (an image folder). Every file
+    must hold the same number of crops R and the same k.  The store: N images x R views,
+    P = VIEW_PARAM_DIM geometry-only parameters (snapped FKD boxes, flip), codec ``topk`` (k,
+    ``num_classes`` (default: the dataset's), ``mode``: ``smooth`` for FKD's marginal
+    smoothing, ``renorm`` for its renormalised labels).  ``views`` is recorded as the view
+    distribution (its size, scale and ratio are declarations; FKD files do not hold them).
+    Resumable: a rerun writes only the images not yet written; a finished store with the same
+    identity is left as it is; another store at ``out`` is refused unless ``overwrite``.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..progress import bar
+    from .store import TargetStore
+    from .writer import StoreWriter, finalize
+
+    ds = image_folder_dataset(dataset)
+    split = ds.split
+    root = resolve_fkd_root(folder, split)
+    image_rels = [rel for rel, _ in ds.samples]
+    expected = label_relpaths(image_rels, split)
+    files = scan_label_files(root, split)
+    match_tree(expected, files, root, image_rels, ds.name)
+    first = load_label_file(root / expected[0])
+    C = int(num_classes or ds.num_classes)
+    spec = _ImportSpec(R=first.num_crops, k=first.k, layout=first.layout, dtype=first.dtype, num_classes=C)
+    if spec.k > C:
+        raise ConfigError(f"FKD labels hold the top {spec.k} classes but --num-classes is {C}")
+    views = views or ViewConfig(size=224, scale=(0.08, 0.936), photometric=False, interpolation="bicubic")
+    if views.photometric:
+        raise ConfigError("FKD soft labels hold geometry only: the view config must have photometric=False")
+    identity = import_identity(root, files, spec, mode, views, ds)
+    out = Path(out)
+    codec = _pre_encoded_topk(spec.k, C, mode)
+    kw = dict(num_images=len(ds), views_per_image=spec.R, param_dim=VIEW_PARAM_DIM, target_dim=C, codec=codec,
+              shard_size=shard_size)
+    if (out / L.MANIFEST).exists() and not overwrite:
+        try:
+            done = TargetStore.open(out)
+        except DataError:
+            done = None
+        if done is not None and done.identity == L.normalise(identity, "identity"):
+            log(f"store {out} is already complete ({done.num_images} images x {done.views_per_image} views)")
+            return ImportResult(out, done.num_images, done.views_per_image, spec.k, C,
+                                identity["teacher"]["label_type"], 0, 0, True)
+    writer = StoreWriter.create_or_resume(out, identity, overwrite=overwrite, **kw)
+    missing = writer.missing_images()
+    chunks = [missing[a:a + IMPORT_CHUNK] for a in range(0, len(missing), IMPORT_CHUNK)]
+    image_paths = [ds.path(i) for i in range(len(ds))]
+    label_paths = [root / lab for lab in expected]
+    loader = DataLoader(_ImportChunks(chunks, image_paths, label_paths, spec), batch_size=None, shuffle=False,
+                        num_workers=workers, collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None)
+    pbar = bar(len(missing), "import-fkd", "img", enabled=show_progress)
+    written = clamped = 0
+    zeros = np.zeros((1, 1, 1), dtype=np.float32)
+    for idx, params, fi, fv, n_clamped, err in loader:
+        if err is not None:
+            pbar.close()
+            writer.close()
+            raise DataError(err)
+        B = len(idx)
+        codec.pending = {"idx": fi.reshape(B * spec.R, spec.k), "val": fv.reshape(B * spec.R, spec.k)}
+        writer.write(np.asarray(idx), params, np.broadcast_to(zeros, (B, spec.R, C)))
+        written += B
+        clamped += n_clamped
+        pbar.update(B)
+    pbar.close()
+    writer.complete_owned()
+    writer.close()
+    finalize(out)
+    return ImportResult(out, len(ds), spec.R, spec.k, C, identity["teacher"]["label_type"], written, clamped, False)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_fkd` did: files written by this run, files in all, k, label type."""
+
+    path: Path
+    written: int
+    files: int
+    k: int
+    label_type: str
+    skipped: int
+    already_complete: bool
+
+
+def _probs_store_k(store) -> int | None:
+    """The store's top-k (codec ``topk``), None for a full-vector store of probabilities;
+    ConfigError if the store does not hold class probabilities."""
+    if store.codec.name == "topk":
+        return int(store.codec.k)
+    target = (store.identity.get("teacher") or {}).get("target")
+    if target != "probs":
+        raise ConfigError(f"store {store.path} holds {target or 'unknown'} targets; FKD soft labels are class "
+                          f"probabilities (a store of --target probs)")
+    return None
+
+
+def export_spec(store, dataset, k: int, fp16: bool) -> dict:
+    """What an export folder holds (its marker file; a rerun must match it to resume)."""
+    mode = store.codec.mode if store.codec.name == "topk" else "smooth"
+    label_type = label_type_name("marginal", k, mode)
+    return {
+        "format": EXPORT_FORMAT, "version": 1,
+        "store": str(Path(store.path).resolve()),
+        "store_manifest_sha256": hashlib.sha256((Path(store.path) / "manifest.json").read_bytes()).hexdigest(),
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "split": dataset.split},
+        "num_images": store.num_images, "num_crops": store.views_per_image, "k": k,
+        "num_classes": store.target_dim, "dtype": "float16" if fp16 else "float32",
+        "label_type": label_type,
+        "train_flags": (f"--softlabel_path <this folder> --soft_label_type {label_type} "
+                        f"--num_classes {store.target_dim}"),
+    }
+
+
+def _export_labels(store, i: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(params float32 (R, P), indices int64 (R, k), values float32 (R, k)) of image ``i``."""
+    R = store.views_per_image
+    views = np.arange(R)
+    if store.codec.name == "topk":
+        rec = store.records(np.full(R, i), views)
+        params = np.ascontiguousarray(rec[L.PARAMS_FIELD])
+        return params, rec["idx"][:, :k].astype(np.int64), rec["val"][:, :k].astype(np.float32)
+    params, probs = store.read(np.full(R, i), views)
+    idx, val = topk_of_probs(probs, k)
+    return params, idx, val
+
+
+def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *, k: int | None = None,
+               fp16: bool = False, overwrite: bool = False, show_progress: bool = True,
+               log: Callable[[str], None] = print) -> ExportResult:
+    """Write the store at ``store_path`` as FKD soft labels under ``out`` (one file per image).
+
+    ``dataset`` must be the store's (same fingerprint): its image tree names the files,
+    ``out/<split>/<class>/<name>.tar``.  Each holds ``[coords (R,4), flips (R,), labels
+    (R,2,k)]`` as numpy float32 (float16 with ``fp16``), the top ``k`` classes (default: the
+    store's k for a ``topk`` store, else 5) by descending probability.  The store must hold
+    class probabilities and geometry-only views.  Skipped images get no file.  Files are
+    written atomically; ``out/fkd_ssl_export.json`` records what was exported (``complete``
+    once every file is written), so a rerun resumes and a finished export is left alone;
+    another export, or a non-empty folder without that file, is refused unless ``overwrite``.
+    """
+    from ..progress import bar
+    from .store import TargetStore
+
+    store = TargetStore.open(store_path)
+    ds = image_folder_dataset(dataset)
+    store_k = _probs_store_k(store)
+    if k is None:
+        k = store_k if store_k is not None else 5
+    if store_k is not None and k > store_k:
+        raise ConfigError(f"--topk {k}: store {store.path} keeps only the top {store_k} classes")
+    if not 1 <= k <= store.target_dim:
+        raise ConfigError(f"--topk must be in 1..{store.target_dim}, got {k}")
+    if fp16 and store.target_dim > FP16_MAX_CLASSES:
+        raise ConfigError(f"--fp16 stores class indices as float16, exact only up to {FP16_MAX_CLASSES} classes; "
+                          f"the store has {store.target_dim}")
+    if store.param_dim <= _FLIP:
+        raise ConfigError(f"store {store.path} has {store.param_dim} view parameters; FKD needs a crop box and a flip")
+    if (store.identity.get("views") or {}).get("photometric"):
+        raise ConfigError(f"store {store.path} was made with photometric views (colour jitter, grayscale, blur); "
+                          f"FKD soft labels hold only a crop and a flip")
+    ds_id = store.identity.get("dataset") or {}
+    if ds_id.get("fingerprint") != ds.fingerprint() or store.num_images != len(ds):
+        raise ConfigError(f"store {store.path} holds targets for another dataset (fingerprint "
+                          f"{ds_id.get('fingerprint')}, {store.num_images} images) than --data {ds.name} "
+                          f"(fingerprint {ds.fingerprint()}, {len(ds)} {ds.split} images)")
+    image_rels = [rel for rel, _ in ds.samples]
+    labels = label_relpaths(image_rels, ds.split)
+    spec = export_spec(store, ds, k, fp16)
+    out = Path(out)
+    marker = out / EXPORT_MARKER
+    old = None
+    if marker.exists():
+        try:
+            old = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if old is None and not overwrite:
+            raise DataError(f"{marker} is corrupt; remove it or pass --overwrite")
+        volatile = ("complete", "skipped", "files")
+        same = old is not None and {kk: v for kk, v in old.items() if kk not in volatile} == spec
+        if same and old.get("complete") and not overwrite:
+            log(f"export {out} is already complete ({old.get('files')} files)")
+            return ExportResult(out, 0, int(old.get("files", 0)), k, spec["label_type"],
+                                len(old.get("skipped", [])), True)
+        if not same and not overwrite:
+            diff = sorted(kk for kk in set(spec) | set(old or {})
+                          if kk not in volatile and (old or {}).get(kk) != spec.get(kk))
+            raise ConfigError(f"--out {out} holds another FKD export (differs in {', '.join(diff)}); "
+                              f"use another --out, or --overwrite to rewrite it")
+        resume = same and not overwrite
+    else:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise ConfigError(f"--out {out} is not empty and holds no {EXPORT_MARKER}; use an empty folder, "
+                              f"or --overwrite to write into it")
+        resume = False
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:  # leftovers of writes killed before their rename
+        for dirpath, _, filenames in os.walk(out / ds.split):
+            for fn in filenames:
+                if _TMP_LABEL.match(fn):
+                    Path(dirpath, fn).unlink(missing_ok=True)
+    L.write_json_atomic(marker, {**spec, "complete": False})
+    skipped = sorted(store.skipped)
+    todo = [i for i in range(len(ds)) if i not in store.skipped and not (resume and (out / labels[i]).exists())]
+    pbar = bar(len(todo), "export-fkd", "img", enabled=show_progress)
+    for i in todo:
+        params, idx, val = _export_labels(store, i, k)
+        if photometric_views(params).any():
+            pbar.close()
+            raise ConfigError(f"store {store.path} has photometric views (image {i}: colour jitter, grayscale, blur "
+                              f"or solarize); FKD soft labels hold only a crop and a flip")
+        coords, flips = params_to_coords(params)
+        save_label_file(out / labels[i], label_state(coords, flips, idx, val, fp16))
+        pbar.update(1)
+    pbar.close()
+    n_files = len(ds) - len(skipped)
+    L.write_json_atomic(marker, {**spec, "complete": True, "files": n_files,
+                                 "skipped": [ds.samples[i][0] for i in skipped]})
+    if skipped:
+        log(f"warning: {len(skipped)} images were skipped when the store was written and have no label file "
+            f"(first: {ds.samples[skipped[0]][0]}); FKD's trainer expects one file per image")
+    return ExportResult(out, len(todo), n_files, k, spec["label_type"], len(skipped), False)
