@@ -16,6 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from fkd_ssl import cli
 from fkd_ssl import dist as fdist
 from fkd_ssl.data import build_dataset
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
         indices = store.valid_indices() if store is not None else range(len(train_set))
         loss = DistillLoss(args.loss, target_dim, args.temperature, args.tau, args.seed_tau_t, args.seed_tau_s,
                            args.queue_size, args.multi_positive, probs)
+        torch.manual_seed(args.seed)  # the student's initial weights depend on --seed only
         student = build_student(args.arch, args.stem, args.input_size, target_dim, args.head_hidden,
                                 args.predictor_hidden)
         task = DistillTask(student, loss, teacher, args.ssl, args.ssl_weight, args.ssl_queue_size,

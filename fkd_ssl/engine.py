@@ -250,9 +250,12 @@ def train(task: nn.Module, dataset: Dataset, indices, cfg: TrainConfig, ctx: Dis
         sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                 else {"broadcast_buffers": False})
         net = ddp(task, device_ids=[device.index] if cuda else None, **sync)
+    # the loader draws its workers' base seed from its own generator, never from the global RNG, which
+    # belongs to the task (e.g. mixup) and is restored on resume: a resumed run then draws as an uninterrupted one
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=cuda,
                         persistent_workers=cfg.workers > 0, collate_fn=collate_fn,
-                        prefetch_factor=4 if cfg.workers > 0 else None)
+                        prefetch_factor=4 if cfg.workers > 0 else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     log = MetricsLog(out, ctx.is_main, step)
     pbar = bar(len(sampler), desc, "step", enabled=ctx.is_main)
     task.train()

@@ -1,0 +1,241 @@
+"""Supervised FKD: a classifier student trained on soft labels of replayed views.
+
+:class:`SoftLabelTask` is an :mod:`fkd_ssl.engine` task.  Its batches come from
+:class:`~fkd_ssl.replay.ReplayDataset`: ``(views uint8 (B, K, 3, S, S), targets float32
+(B, K, C) or (B, K, 0), image int64 (B,), slots int64 (B, K), teacher_views uint8
+(B, K, 3, S_t, S_t) or (B, 0))``.  Where the target distribution of each view comes from is
+the *mode* (``distill_sup.py --targets``):
+
+========== ==============================================================================
+``store``  FKD: the teacher's soft labels of the stored views, read from the store
+``online`` vanilla KD: the teacher runs on the same views at every step
+``relabel`` ReLabel: RoIAlign of the crop box on the teacher's dense label map + softmax
+           (targets computed in the data workers by :class:`fkd_ssl.relabel.RelabelViews`)
+``hard``   the conventional framework: one-hot dataset labels (optional label smoothing)
+========== ==============================================================================
+
+The loss is soft cross-entropy ``-sum_c t_c log softmax(s)_c`` at temperature 1 (FKD's),
+averaged over views.  Optional mixup / cutmix (:func:`mix_batch`) mixes the images and the
+target distributions with the same coefficient; stored soft labels cannot see the mixed
+image, so in every mode the targets are mixed linearly (in ``online`` mode too, so that
+store vs online isolates the cost of running the teacher).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .models import Encoder, ModelSpec
+from .views import normalize
+
+MODES = ("store", "online", "hard", "relabel")
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_c target[:, c] * log_softmax(logits)[:, c]``; both (N, C)."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """(N,) int64 -> (N, C) float32 with ``1 - smoothing`` on the label and the rest spread evenly."""
+    t = torch.full((labels.shape[0], num_classes), smoothing / num_classes, device=labels.device)
+    return t.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + smoothing / num_classes)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Mixup / cutmix: with ``mixup_alpha`` and ``cutmix_alpha`` both > 0, each batch picks one (p = 0.5)."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError("--mixup and --cutmix must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def mix_batch(x: torch.Tensor, t: torch.Tensor, cfg: MixConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Mix a batch with its reverse: x (N, 3, S, S), t (N, C) -> mixed (x, t) and what was done.
+
+    Mixup: ``lam*x + (1-lam)*x.flip(0)``; cutmix: a box of area ``1-lam`` pasted from
+    ``x.flip(0)``, ``lam`` then corrected to the pasted area.  ``t`` is mixed with the same
+    ``lam``.  ``lam ~ Beta(alpha, alpha)`` from torch's global RNG (which the engine saves in
+    its resume state, so a resumed run mixes as an uninterrupted one).
+    """
+    if not cfg.enabled or x.shape[0] < 2:
+        return x, t, {}
+    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or float(torch.rand(())) < 0.5)
+    alpha = torch.tensor(cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    x2, t2 = x.flip(0), t.flip(0)
+    if use_cutmix:
+        s_h, s_w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(s_h * cut), int(s_w * cut)
+        cy = int(torch.randint(s_h, ()))
+        cx = int(torch.randint(s_w, ()))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, s_h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, s_w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x2[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (s_h * s_w)
+    else:
+        x = lam * x + (1.0 - lam) * x2
+    return x, lam * t + (1.0 - lam) * t2, {"mix": "cutmix" if use_cutmix else "mixup", "lam": lam}
+
+
+def build_classifier(arch: str, stem: str, input_size: int, num_classes: int) -> Encoder:
+    """A classifier :class:`Encoder`: backbone + its own linear classifier to ``num_classes``."""
+    return Encoder(ModelSpec(arch=arch, stem=stem, num_classes=num_classes, input_size=input_size))
+
+
+def init_backbone(model: Encoder, ref: str, device: str | torch.device = "cpu") -> dict:
+    """Copy the backbone weights of checkpoint ``ref`` into ``model`` (fine-tuning).
+
+    The classifier stays freshly initialised unless ``ref`` has one of the same shape.
+    ConfigError if ``ref`` is another architecture or its backbone does not fit.
+    Returns a short description for the run's metadata.
+    """
+    from .checkpoint import load_model, model_identity
+
+    src, meta = load_model(ref, arch=model.spec.arch, device=device)
+    if src.spec.arch != model.spec.arch or src.spec.stem != model.spec.stem:
+        raise ConfigError(f"--init {ref} is a {src.spec.arch} (stem {src.spec.stem}), the student is a "
+                          f"{model.spec.arch} (stem {model.spec.stem}): use --arch/--stem {src.spec.arch}/{src.spec.stem}")
+    own = model.backbone.state_dict()
+    head = {f"{n}.{k}" for n in _classifier_names(model) for k in ("weight", "bias")}
+    copied, kept = {}, []
+    for k, v in src.backbone.state_dict().items():
+        if k in own and own[k].shape == v.shape:
+            copied[k] = v
+        elif k not in head:
+            raise ConfigError(f"--init {ref}: backbone tensor {k} {tuple(v.shape)} does not fit the student")
+    missing = [k for k in own if k not in copied and k not in head]
+    if missing:
+        raise ConfigError(f"--init {ref} lacks backbone tensors of the student, e.g. {missing[0]}")
+    kept = [k for k in own if k not in copied]
+    model.backbone.load_state_dict({**own, **copied})
+    return {"ref": str(ref), "hash": model_identity(str(ref)), "method": meta.get("method"),
+            "fresh": sorted(kept)}
+
+
+def _classifier_names(model: Encoder) -> list[str]:
+    names = []
+    for name, mod in model.backbone.named_modules():
+        if mod is model.backbone.get_classifier():
+            names.append(name)
+    return names
+
+
+class SoftLabelTask(nn.Module):
+    """Classifier student + soft cross-entropy on K views per image; an engine task (module doc).
+
+    ``labels``: int64 (N,) dataset labels, used in ``hard`` mode.  ``teacher``: a
+    :class:`~fkd_ssl.teacher.TeacherTargets` of kind ``probs`` for ``online`` mode (frozen,
+    not a registered submodule, never saved).
+    """
+
+    def __init__(self, student: Encoder, mode: str, labels: torch.Tensor | None = None,
+                 teacher: nn.Module | None = None, mix: MixConfig = MixConfig(), label_smoothing: float = 0.0,
+                 channels_last: bool = False):
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"--targets {mode!r}: one of {', '.join(MODES)}")
+        if student.spec.num_classes <= 0:
+            raise ConfigError("the student needs a classifier (num_classes > 0)")
+        if mode == "online" and teacher is None:
+            raise ConfigError("--targets online needs a teacher")
+        if mode == "hard" and labels is None:
+            raise ConfigError("--targets hard needs the dataset labels")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
+        self.student, self.mode, self.mix, self.label_smoothing = student, mode, mix, float(label_smoothing)
+        self.num_classes = student.spec.num_classes
+        self.register_buffer("labels", labels.long() if labels is not None else torch.zeros(0, dtype=torch.long),
+                             persistent=False)
+        object.__setattr__(self, "teacher", teacher)
+        self.channels_last = channels_last
+
+    def prep(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) -> normalised float input."""
+        x = normalize(u8, self.student.spec.mean, self.student.spec.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def targets(self, batch) -> torch.Tensor:
+        """(B*K, C) target distributions of the batch's views (no grad)."""
+        views, targets, image = batch[0], batch[1], batch[2]
+        k = views.shape[1]
+        if self.mode == "hard":
+            return one_hot(self.labels[image.repeat_interleave(k)], self.num_classes, self.label_smoothing)
+        if self.mode == "online":
+            return self.teacher(batch[4].flatten(0, 1))
+        t = targets.flatten(0, 1).float()
+        if t.shape[1] != self.num_classes:
+            raise ConfigError(f"the targets have {t.shape[1]} classes, the student {self.num_classes}")
+        return t
+
+    def forward(self, batch, progress: float = 0.0) -> tuple[torch.Tensor, dict]:
+        t = self.targets(batch)
+        x = self.prep(batch[0].flatten(0, 1))
+        x, t, info = mix_batch(x, t, self.mix)
+        logits = self.student.logits(x)
+        loss = soft_cross_entropy(logits, t)
+        with torch.no_grad():
+            agree = (logits.argmax(1) == t.argmax(1)).float().mean()
+        metrics = {"target_agree": float(agree)}
+        if "lam" in info:
+            metrics["mix_lam"] = info["lam"]
+        return loss, metrics
+
+    def export(self) -> Encoder:
+        return self.student
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+@torch.no_grad()
+def classifier_accuracy(model: Encoder, dataset, batch_size: int = 256, workers: int = 0,
+                        device: str | torch.device = "cpu") -> dict[str, float]:
+    """Top-1 / top-5 (%) of ``model``'s classifier on ``dataset`` (its own labels).
+
+    Images go through the evaluators' transform (resize, centre crop ``spec.input_size``,
+    normalise).  The model's class ``c`` must be the dataset's class ``c``.
+    """
+    from torch.utils.data import DataLoader
+
+    from .evaluation.features import spec_eval_transform
+
+    if model.spec.num_classes != dataset.num_classes:
+        raise ConfigError(f"the classifier has {model.spec.num_classes} classes, {dataset.name} has "
+                          f"{dataset.num_classes}")
+    transform, _ = spec_eval_transform(model.spec)
+    old, dataset.transform = dataset.transform, transform
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = n = 0
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        for x, y, _ in loader:
+            x, y = x.to(device), y.to(device)
+            top = model.logits(x).topk(min(5, model.spec.num_classes), dim=1).indices
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(1).sum())
+            n += int(y.shape[0])
+    finally:
+        dataset.transform = old
+        model.train(was_training)
+    return {"val_top1": 100.0 * correct1 / max(n, 1), "val_top5": 100.0 * correct5 / max(n, 1)}
