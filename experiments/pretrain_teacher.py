@@ -1,7 +1,9 @@
 """Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data.
 
-With no arguments it trains a MoCo v2 ResNet-18 on the built-in synthetic set on CPU in about
-ten minutes and writes ``runs/teacher-synthetic/model.safetensors``.  Rerunning the same
+With no arguments it trains a MoCo v2 ResNet-10t (timm ``resnet10t``, 48 px, batch 64, 12
+epochs) on the built-in synthetic set on CPU in well under ten minutes on 2 cores and writes
+``runs/teacher-synthetic/model.safetensors``.  (The cheaper backbone buys more optimizer steps
+than ResNet-18 in the same time, and learns much better features in it.)  Rerunning the same
 command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py ...`` trains with DDP.
 """
 
@@ -22,7 +24,7 @@ IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "jitter"
 
 def parse(argv=None):
     p = cli.parser(__doc__)
-    cli.add_common_args(p, epochs=10, batch_size=128, workers=1, arch="resnet18")
+    cli.add_common_args(p, epochs=12, batch_size=64, workers=1, arch="resnet10t")
     p.add_argument("--method", choices=METHODS, default="moco")
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=48, help="training crop side (px)")
@@ -41,7 +43,7 @@ def parse(argv=None):
     p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default="sgd")
     p.add_argument("--lr", type=cli.positive_float("--lr"), default=0.06, help="for a global batch of 256")
     p.add_argument("--weight-decay", type=cli.nonneg_float("--weight-decay"), default=5e-4)
-    p.add_argument("--warmup-epochs", type=cli.nonneg_float("--warmup-epochs"), default=2.0)
+    p.add_argument("--warmup-epochs", type=cli.nonneg_float("--warmup-epochs"), default=1.0)
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--max-minutes", type=cli.nonneg_float("--max-minutes"), default=0.0,
                    help="stop after this much training time (0: no limit)")
