@@ -313,6 +313,12 @@ def train(task: nn.Module, dataset: Dataset, indices, cfg: TrainConfig, ctx: Dis
             checkpoint()
             last_ckpt = time.time()
         if cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60:
+            if window:  # the rows since the last log, so a time-limited run still reports its speed
+                n = window.pop("_n")
+                log.log(step, {**{k: v / n for k, v in window.items()}, "lr": lr, "epoch": epoch,
+                               "images_per_s": n_img / max(elapsed, 1e-9), "views_per_s": n_view / max(elapsed, 1e-9),
+                               "elapsed": elapsed})
+                window = {}
             finished = epoch >= cfg.epochs
             checkpoint()
             export(epoch)

@@ -137,9 +137,7 @@ def test_script_runs():
 RECIPE_FILES = [RECIPES, ROOT / "experiments" / "recipes" / "imagenet_ssl.sh",
                 ROOT / "experiments" / "recipes" / "imagenet_sup.sh"]
 CHECKED = ("experiments/pretrain_teacher.py", "experiments/gen_targets.py", "experiments/distill_ssl.py",
-           "eval/knn.py", "eval/linear_probe.py")
-# marked PENDING in the recipes: checked once the scripts are in the repository
-PENDING = ("experiments/distill_sup.py", "experiments/gen_label_map.py")
+           "experiments/distill_sup.py", "experiments/gen_label_map.py", "eval/knn.py", "eval/linear_probe.py")
 UNCHECKED = ("eval/report.py",)  # takes no flags
 _SCRIPT = re.compile(r"(?:^|\s)((?:experiments|eval)/[A-Za-z_]+\.py)(?=\s|$)")
 _ASSIGN = re.compile(r"^\s*(?:export\s+)?([A-Z][A-Z0-9_]*)=(.*)$")
@@ -235,16 +233,7 @@ def test_recipe_commands_use_real_flags(monkeypatch):
     pytest.importorskip("torch")
     commands = _commands()
     scripts = {s for _, s, _ in commands}
-    assert set(CHECKED) <= scripts and scripts <= set(CHECKED) | set(PENDING) | set(UNCHECKED), scripts
+    assert set(CHECKED) <= scripts and scripts <= set(CHECKED) | set(UNCHECKED), scripts
     for f in RECIPE_FILES:
         assert {s for n, s, _ in commands if n == f.name} & set(CHECKED), f"no checked command in {f.name}"
     assert _check([c for c in commands if c[1] in CHECKED], monkeypatch) >= 20
-
-
-@pytest.mark.parametrize("script", PENDING)
-def test_pending_recipe_commands_once_the_script_exists(script, monkeypatch):
-    pytest.importorskip("torch")
-    if not (ROOT / script).exists():
-        pytest.skip(f"{script} is not in the repository yet")
-    commands = [c for c in _commands() if c[1] == script]
-    assert _check(commands, monkeypatch) == len(commands) > 0

@@ -5,10 +5,6 @@
 #
 #   bash experiments/recipes/imagenet_sup.sh STEP        STEP: targets | students | baselines
 #
-# PENDING: `students` and `baselines` call experiments/distill_sup.py and gen_label_map.py, which
-# were still being written when this recipe was; their flags follow those scripts' --help at the
-# time.  tests/test_store_sizes.py checks them against the scripts' parsers once they exist.
-#
 # Every step resumes when it is run again with the same settings.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,7 +39,7 @@ targets)
   python -m fkd_ssl.store verify "$STORE"
   ;;
 students)
-  # PENDING (experiments/distill_sup.py). distill_sup.py counts budgets as FKD does: --batch-size is
+  # distill_sup.py counts budgets as FKD does: --batch-size is
   # views per step (128 x 8 = 1024) and --epochs counts views per image (300 = 75 passes at K = 4);
   # --lr is per 256 views (FKD's lr 0.1 at 1024 views = 0.025). FKD ResNet-50 "plain": SGD, wd 1e-4,
   # cosine, no warm-up, no colour jitter.
@@ -53,7 +49,7 @@ students)
     --workers "$WORKERS"
   ;;
 baselines)
-  # PENDING (experiments/distill_sup.py): the same budget (views and steps) and optimiser, other targets.
+  # the same budget (views and steps) and optimiser, other targets.
   # plain labels, one fresh RandomResizedCrop view per decoded image (the conventional pipeline)
   $TR experiments/distill_sup.py --data "$DATA" --data-root "$CACHE" --targets hard \
     --out "$RUNS/sup-r50-hard" --arch resnet50 --input-size 224 --crops-per-image 1 --crop-min 0.08 \

@@ -1,0 +1,353 @@
+"""The whole FKD pipeline in one command (``experiments/quickstart.py`` / ``fkd-quickstart``).
+
+A *stage* is one run of one of the project's scripts (``experiments/*.py``, ``eval/*.py``) with
+a fixed argument list; :func:`plan` lists them in order:
+
+1. SSL variant: MoCo teacher (``pretrain_teacher.py``) -> stores of the MoCo teacher's
+   projections and of the ImageNet EfficientNet-Lite0 teacher's features (``gen_targets.py``)
+   -> FKD students from each store, the online-teacher student, and the student architecture
+   trained by MoCo alone for the FKD student's wall-clock time (``distill_ssl.py``,
+   ``pretrain_teacher.py``);
+2. supervised variant: a classifier teacher on the dataset's labels (``train_classifier.py``)
+   -> its top-k soft labels (``gen_targets.py``) and ReLabel label map (``gen_label_map.py``)
+   -> FKD, plain-label and ReLabel students (``distill_sup.py``);
+3. kNN and linear probe of every model and of the random-init and raw-pixel baselines.
+
+Each stage runs in this process through the script's own ``main(argv)``, so what it does is
+exactly what the printed command does.  ``<out>/pipeline.json`` records finished stages
+(their wall time and command): rerunning the quick start skips them and resumes the
+unfinished one (every script resumes its own output).  :func:`summarize` writes the final
+table (kNN / linear top-1, training wall time, views/s, store size) as ``report.md`` and
+``summary.csv`` and the figure ``accuracy_vs_time.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the quick start uses; ``FULL`` on the default synthetic set, ``FAST`` for CI."""
+
+    data: str
+    teacher_arch: str
+    student_arch: str
+    stem: str
+    size: int  # teacher and student input side
+    effnet_view: int  # side of the views the EfficientNet-Lite teacher sees
+    teacher_epochs: int
+    classifier_epochs: int  # views per image
+    views_per_image: int  # R
+    crops: int  # K
+    student_passes: int  # passes over the images (K views each)
+    batch: int  # views per step
+    queue: int
+    head_hidden: int
+    label_map_size: int  # side the ReLabel teacher sees the whole image at (ReLabel: above its training size)
+    pixels: int  # side of the raw-pixel baseline
+
+
+FULL = Sizes(data="synthetic", teacher_arch="resnet18", student_arch="resnet10t", stem="default", size=48,
+             effnet_view=96, teacher_epochs=3, classifier_epochs=4, views_per_image=8, crops=4, student_passes=1,
+             batch=128, queue=512, head_hidden=512, label_map_size=96, pixels=32)
+FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t", student_arch="resnet10t",
+             stem="default", size=32, effnet_view=48, teacher_epochs=1, classifier_epochs=1, views_per_image=4,
+             crops=2, student_passes=1, batch=32, queue=64, head_hidden=64, label_map_size=64,
+             pixels=16)
+
+
+@dataclass
+class Stage:
+    """One script run. ``model`` / ``store``: what it produces (None if nothing of that kind)."""
+
+    name: str
+    script: str
+    argv: list[str]
+    variant: str = ""  # "ssl" / "sup" / "" (baselines)
+    teacher: str = ""
+    model: Path | None = None
+    store: Path | None = None
+    argv_fn: Callable[[dict], list[str]] | None = field(default=None, repr=False)  # extra args from earlier stages
+
+    def command(self, extra: list[str] | None = None) -> str:
+        return " ".join(["python", self.script, *map(shlex.quote, self.argv + (extra or []))])
+
+
+def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, seed: int = 0,
+         data: str | None = None) -> list[Stage]:
+    """The stages, in order (see the module docstring)."""
+    z = sizes
+    data = data or z.data
+    common = ["--data", data, "--data-root", data_root, "--device", device, "--seed", str(seed)]
+    run = out / "runs"
+    t_moco, t_cls = run / "teacher-moco", run / "classifier"
+    s_moco, s_eff, s_cls, lmap = run / "store-moco", run / "store-effnet", run / "store-classifier", run / "labelmap"
+    teacher_train = [*common, "--workers", str(workers), "--arch", z.teacher_arch, "--stem", z.stem,
+                     "--input-size", str(z.size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden),
+                     "--batch-size", str(z.batch)]
+    gen = [*common, "--workers", str(workers), "--views-per-image", str(z.views_per_image)]
+    ssl_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
+                   "--input-size", str(z.size), "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes),
+                   "--batch-size", str(z.batch // z.crops), "--queue-size", str(z.queue * 4),
+                   "--head-hidden", str(z.head_hidden)]
+    sup_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
+                   "--input-size", str(z.size), "--batch-size", str(z.batch), "--epochs",
+                   str(z.student_passes * z.crops)]
+    stages = [
+        Stage("MoCo teacher", "experiments/pretrain_teacher.py",
+              [*teacher_train, "--epochs", str(z.teacher_epochs), "--out", str(t_moco)], "ssl", "moco",
+              model=t_moco / "model.safetensors"),
+        Stage("store: MoCo teacher", "experiments/gen_targets.py",
+              [*gen, "--teacher", str(t_moco / "model.safetensors"), "--out", str(s_moco)], "ssl", "moco",
+              store=s_moco),
+        Stage("store: EfficientNet-Lite0", "experiments/gen_targets.py",
+              [*gen, "--teacher", "effnet-lite0", "--target", "feature", "--view-size", str(z.effnet_view),
+               "--batch-size", "128", "--out", str(s_eff)], "ssl", "effnet-lite0", store=s_eff),
+        Stage("FKD student (MoCo store)", "experiments/distill_ssl.py",
+              [*ssl_student, "--store", str(s_moco), "--out", str(run / "fkd-moco")], "ssl", "moco",
+              model=run / "fkd-moco" / "model.safetensors", store=s_moco),
+        Stage("FKD student (EffNet store)", "experiments/distill_ssl.py",
+              [*ssl_student, "--store", str(s_eff), "--out", str(run / "fkd-effnet")], "ssl", "effnet-lite0",
+              model=run / "fkd-effnet" / "model.safetensors", store=s_eff),
+        Stage("online-teacher student (MoCo)", "experiments/distill_ssl.py",
+              [*ssl_student, "--store", str(s_moco), "--online-teacher", str(t_moco / "model.safetensors"),
+               "--out", str(run / "online-moco")], "ssl", "moco", model=run / "online-moco" / "model.safetensors"),
+        Stage("MoCo alone (student arch, FKD's time)", "experiments/pretrain_teacher.py",
+              [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem, "--input-size",
+               str(z.size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size",
+               str(z.batch), "--epochs", "100", "--out", str(run / "moco-alone")], "ssl", "none",
+              model=run / "moco-alone" / "model.safetensors", argv_fn=_same_time_as(run / "fkd-moco")),
+        Stage("classifier teacher", "experiments/train_classifier.py",
+              [*common, "--workers", str(workers), "--arch", z.teacher_arch, "--stem", z.stem, "--input-size",
+               str(z.size), "--batch-size", str(z.batch), "--epochs", str(z.classifier_epochs), "--no-val",
+               "--out", str(t_cls)], "sup", "classifier", model=t_cls / "model.safetensors"),
+        Stage("store: classifier soft labels", "experiments/gen_targets.py",
+              [*gen, "--teacher", str(t_cls / "model.safetensors"), "--out", str(s_cls)], "sup", "classifier",
+              store=s_cls),
+        Stage("ReLabel label map", "experiments/gen_label_map.py",
+              [*common, "--workers", str(workers), "--teacher", str(t_cls / "model.safetensors"), "--input-size",
+               str(z.label_map_size), "--out", str(lmap)],
+              "sup", "classifier", store=lmap),
+        Stage("FKD student (soft labels)", "experiments/distill_sup.py",
+              [*sup_student, "--store", str(s_cls), "--crops-per-image", str(z.crops), "--out", str(run / "sup-fkd")],
+              "sup", "classifier", model=run / "sup-fkd" / "model.safetensors", store=s_cls),
+        Stage("plain-label student", "experiments/distill_sup.py",
+              [*sup_student, "--targets", "hard", "--out", str(run / "sup-plain")], "sup", "none",
+              model=run / "sup-plain" / "model.safetensors"),
+        Stage("ReLabel student", "experiments/distill_sup.py",
+              [*sup_student, "--targets", "relabel", "--label-map", str(lmap), "--out", str(run / "sup-relabel")],
+              "sup", "classifier", model=run / "sup-relabel" / "model.safetensors", store=lmap),
+    ]
+    return stages + eval_stages(out, stages, common, z, workers)
+
+
+def _same_time_as(run_dir: Path) -> Callable[[dict], list[str]]:
+    """``--max-minutes`` = the training time of the run in ``run_dir`` (read from its model.json)."""
+    def extra(_: dict) -> list[str]:
+        meta = json.loads((run_dir / "model.json").read_text())
+        return ["--max-minutes", f"{max(float(meta['train_seconds']), 1.0) / 60:.4f}"]
+    return extra
+
+
+def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes, workers: int) -> list[Stage]:
+    """kNN + fast linear probe of every model, plus random-init and raw-pixel baselines."""
+    ev = [*common, "--workers", str(workers), "--cache-dir", str(out / "features"), "--results",
+          str(out / "results.jsonl")]
+    refs = [(s.name, str(s.model), []) for s in stages if s.model is not None]
+    refs += [(f"random init ({z.student_arch})", f"random:{z.student_arch}",
+              ["--stem", z.stem, "--input-size", str(z.size)]),
+             ("raw pixels", f"pixels:{z.pixels}", [])]
+    evals = []
+    for name, ref, extra in refs:
+        for script in ("eval/knn.py", "eval/linear_probe.py"):
+            evals.append(Stage(f"{'kNN' if 'knn' in script else 'linear probe'}: {name}", script,
+                               [*ev, "--checkpoint", ref, "--name", name, *extra,
+                                "--out", str(out / "eval" / _slug(name))]))
+    return evals
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def load_script(script: str):
+    """The module of ``ROOT/script`` (an ``experiments/`` or ``eval/`` script), imported by path."""
+    path = ROOT / script
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: the quick start runs the scripts of a source checkout "
+                          f"(git clone, then pip install -e .)")
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"fkd_script_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Ledger:
+    """``<out>/pipeline.json``: which stages finished, in how many seconds, with which command."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = json.loads(path.read_text())["stages"] if path.exists() else {}
+
+    def record(self, stage: Stage, seconds: float, command: str) -> None:
+        self.done[stage.name] = {"seconds": round(seconds, 2), "command": command, "script": stage.script}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"stages": self.done}, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] = print) -> None:
+    """Run every stage not yet in the ledger, in order; a failing stage stops the pipeline."""
+    for i, stage in enumerate(stages, 1):
+        if stage.name in ledger.done:
+            log(f"[{i}/{len(stages)}] {stage.name}: done ({ledger.done[stage.name]['seconds']:.0f} s)")
+            continue
+        extra = stage.argv_fn(ledger.done) if stage.argv_fn else []
+        command = stage.command(extra)
+        log(f"[{i}/{len(stages)}] {stage.name}\n  $ {command}")
+        t0 = time.time()
+        code = load_script(stage.script).main(stage.argv + extra)
+        if code:
+            raise ConfigError(f"stage '{stage.name}' failed (exit {code}): {command}")
+        ledger.record(stage, time.time() - t0, command)
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def _last_metric(run_dir: Path, key: str) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    value = None
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            value = row[key]
+    return value
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def summary_rows(out: Path, stages: list[Stage]) -> list[dict]:
+    """One row per model: variant, teacher, kNN k=20 / linear top-1, train time, views/s, store size."""
+    from .evaluation.results import latest, load_rows
+
+    results = latest(load_rows(out / "results.jsonl")) if (out / "results.jsonl").exists() else []
+    acc: dict[tuple[str, str], float] = {}
+    for r in results:
+        if r["protocol"] == "knn" and r.get("k") == 20:
+            acc[(r["model"], "knn")] = r["top1"]
+        elif r["protocol"] == "linear-fast":
+            acc[(r["model"], "linear")] = r["top1"]
+    rows = []
+    named = [(s.name, s) for s in stages if s.model is not None]
+    z_names = sorted({r["model"] for r in results} - {n for n, _ in named})
+    for name, s in named + [(n, None) for n in z_names]:
+        row = {"model": name, "variant": s.variant if s else "baseline", "teacher": s.teacher if s else "",
+               "knn_top1": acc.get((name, "knn")), "linear_top1": acc.get((name, "linear")),
+               "train_s": None, "views_per_s": None, "store_mb": None}
+        if s is not None and s.model is not None and s.model.with_suffix(".json").exists():
+            meta = json.loads(s.model.with_suffix(".json").read_text())
+            row["train_s"] = round(float(meta.get("train_seconds", 0.0)), 1)
+            vps = _last_metric(s.model.parent, "views_per_s")
+            row["views_per_s"] = round(vps, 1) if vps else None
+        if s is not None and s.store is not None and s.store.exists() and "student" in s.name.lower():
+            row["store_mb"] = round(_dir_bytes(s.store) / 1e6, 2)
+        rows.append(row)
+    return rows
+
+
+COLUMNS = ("model", "variant", "teacher", "knn_top1", "linear_top1", "train_s", "views_per_s", "store_mb")
+HEADERS = ("model", "variant", "teacher", "kNN top-1 (k=20)", "linear top-1", "train time (s)", "views/s",
+           "store (MB)")
+
+
+def render_summary(rows: list[dict]) -> str:
+    """The markdown table of :func:`summary_rows`."""
+    def fmt(v):
+        return "—" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(rows: list[dict], path: Path) -> Path:
+    """Accuracy (kNN and linear top-1) vs training wall time, one point per trained model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, title in ((axes[0], "knn_top1", "kNN top-1 (k=20)"), (axes[1], "linear_top1", "linear top-1")):
+        for r in rows:
+            if r[key] is None:
+                continue
+            if r["train_s"] is None:  # baselines without training: a horizontal reference line
+                ax.axhline(r[key], ls=":", lw=1, color="grey")
+                ax.annotate(r["model"], (0, r[key]), fontsize=7, color="grey", va="bottom")
+                continue
+            marker = {"ssl": "o", "sup": "s"}.get(r["variant"], "^")
+            ax.scatter(r["train_s"], r[key], marker=marker)
+            ax.annotate(r["model"], (r["train_s"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("training wall time (s)")
+        ax.set_ylabel(f"{title} (%)")
+        ax.set_title(title + "  (o: SSL variant, s: supervised)", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(out: Path, stages: list[Stage], ledger: Ledger, header: str) -> str:
+    """Write ``report.md``, ``summary.csv`` and ``accuracy_vs_time.png`` in ``out``; returns the markdown."""
+    rows = summary_rows(out, stages)
+    with open(out / "summary.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / "summary.csv.tmp", out / "summary.csv")
+    plot_summary(rows, out / "accuracy_vs_time.png")
+    total = sum(v["seconds"] for v in ledger.done.values())
+    md = [header, "", render_summary(rows), f"Pipeline wall time: {total / 60:.1f} min over {len(ledger.done)} stages "
+          "(first run of each stage).", "", "![accuracy vs training time](accuracy_vs_time.png)", "",
+          "## Commands", ""]
+    md += [f"- {name}: `{v['command']}` ({v['seconds']:.0f} s)" for name, v in ledger.done.items()]
+    text = "\n".join(md) + "\n"
+    tmp = out / "report.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "report.md")
+    return text
+
+
+def console_main() -> None:
+    """``fkd-quickstart``: ``experiments/quickstart.py`` as a console script (source checkouts)."""
+    from .cli import run_main
+
+    run_main(load_script("experiments/quickstart.py").main)
