@@ -61,9 +61,9 @@ class Sizes:
     pixels: int  # side of the raw-pixel baseline
 
 
-FULL = Sizes(data="synthetic", teacher_arch="resnet18", student_arch="resnet10t", stem="default", size=48,
-             effnet_view=96, teacher_epochs=3, classifier_epochs=4, views_per_image=8, crops=4, student_passes=1,
-             batch=128, queue=512, head_hidden=512, label_map_size=96, pixels=32)
+FULL = Sizes(data="synthetic", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
+             effnet_view=64, teacher_epochs=4, classifier_epochs=6, views_per_image=8, crops=4, student_passes=1,
+             batch=64, queue=512, head_hidden=512, label_map_size=96, pixels=32)
 FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t", student_arch="resnet10t",
              stem="default", size=32, effnet_view=48, teacher_epochs=1, classifier_epochs=1, views_per_image=4,
              crops=2, student_passes=1, batch=32, queue=64, head_hidden=64, label_map_size=64,
