@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, writing
 from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher
 
 FORMAT = "fkd_ssl.model"
@@ -42,11 +42,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={_META_KEY: json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={_META_KEY: json.dumps(meta)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -82,8 +83,12 @@ def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None
     _atomic_save(state, path, full)
     side = path.with_suffix(".json")
     tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(full, indent=1, default=str))
-    os.replace(tmp, side)
+    try:
+        with writing(side):
+            tmp.write_text(json.dumps(full, indent=1, default=str))
+            os.replace(tmp, side)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

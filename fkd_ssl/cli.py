@@ -9,6 +9,7 @@ no ``--resume``: rerunning a command resumes it.  :func:`run_main` turns user er
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .errors import ConfigError, FKDError
+from .errors import ConfigError, FKDError, writing
 
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
@@ -91,6 +92,12 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except FKDError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full or read-only disk where no writer named its file: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        print(f"error: {e.strerror}" + (f": {e.filename}" if e.filename else " (writing the outputs of this run)"),
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
@@ -155,6 +162,7 @@ def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_ma
     if is_main:
         print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
         tmp = path.with_name("config.json.tmp")
-        tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        with writing(path):
+            tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            os.replace(tmp, path)
     return config

@@ -9,6 +9,11 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class FKDError(Exception):
     """Base class for errors caused by user input."""
@@ -24,3 +29,31 @@ class CheckpointError(FKDError):
 
 class ConfigError(FKDError):
     """A flag or config value is invalid or conflicts with an existing run."""
+
+
+class OutputError(FKDError):
+    """An output file cannot be written: the disk is full, read-only, or not ours to write."""
+
+
+#: errno values that say the output cannot be written (not a bug): full disk or quota, file too
+#: large, read-only filesystem, no permission
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError of :data:`WRITE_ERRNOS` raised while writing ``path`` (also safetensors'
+    wrapped I/O errors) into an :class:`OutputError` naming ``path``; anything else passes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:  # safetensors reports I/O errors as SafetensorError("... (os error N) ...")
+        if type(e).__name__ != "SafetensorError":
+            raise
+        code = next((c for c in WRITE_ERRNOS if f"(os error {c})" in str(e)), None)
+        if code is None:
+            raise
+        raise OutputError(f"cannot write {path}: {os.strerror(code)}") from e

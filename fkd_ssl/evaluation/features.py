@@ -47,9 +47,10 @@ from torch import nn
 from ..checkpoint import load_model, model_identity
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, writing
 from ..models import IMAGENET_MEAN, IMAGENET_STD, NAMED_TEACHERS, Encoder, ModelSpec
 from ..progress import bar
+from ..store.layout import preallocate
 
 CACHE_VERSION = 1
 OUTPUTS = ("backbone", "head")
@@ -261,14 +262,22 @@ def cache_key(source: FeatureSource, dataset: IndexedDataset, dtype: str) -> tup
 
 def _atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            np.save(tmp, arr, allow_pickle=False)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_cached(folder: Path, key: str) -> FeatureSet | None:
@@ -302,8 +311,12 @@ def _open_partial(folder: Path, n: int, d: int, dtype: str) -> tuple[np.memmap, 
         pass
     for p in (feats_path, filled_path, folder / "manifest.json"):
         p.unlink(missing_ok=True)
-    filled = np.lib.format.open_memmap(filled_path, mode="w+", dtype=np.bool_, shape=(n,))
-    feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
+    with writing(filled_path):
+        filled = np.lib.format.open_memmap(filled_path, mode="w+", dtype=np.bool_, shape=(n,))
+    with writing(feats_path):
+        feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
+        with open(feats_path, "rb+") as f:
+            preallocate(f)
     return feats, filled
 
 

@@ -17,6 +17,7 @@ Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, writing
 
 FORMAT = "fkd_ssl.target_store"
 VERSION = 1
@@ -136,21 +137,22 @@ def write_bytes_atomic(path: Path, data: bytes, exclusive: bool = False) -> bool
     """
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError:  # a filesystem without hard links: create-if-absent, not race-free
-                if path.exists():
+        with writing(path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
                     return False
+                except OSError:  # a filesystem without hard links: create-if-absent, not race-free
+                    if path.exists():
+                        return False
+                    os.replace(tmp, path)
+            else:
                 os.replace(tmp, path)
-        else:
-            os.replace(tmp, path)
         _fsync_dir(path.parent)
         return True
     finally:
@@ -221,16 +223,29 @@ def open_npy(path: Path, mode: str, dtype: np.dtype, shape: tuple[int, ...]) -> 
     return mm
 
 
+def preallocate(f) -> None:
+    """Reserve the disk blocks of an open file (a new memmap is sparse): a full disk is then an
+    OSError here, not a SIGBUS at a later write through the map."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Create a zero-filled ``.npy`` atomically (temporary name, then rename)."""
     tmp = _tmp_name(path)
     try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            mm.flush()
+            del mm
+            with open(tmp, "rb+") as f:
+                preallocate(f)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
