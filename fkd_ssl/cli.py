@@ -85,16 +85,42 @@ def parser(description: str) -> argparse.ArgumentParser:
     return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def _message(e: BaseException) -> str:
+    """A user error's message as one line.  A DataLoader worker re-raises the error with the
+    worker's traceback in its message: only the original message is kept."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        lines = text.splitlines()
+        head = f"{type(e).__module__}.{type(e).__qualname__}: "
+        starts = [i for i, ln in enumerate(lines) if ln.startswith(head)]
+        if starts:
+            text = "\n".join([lines[starts[-1]][len(head):], *lines[starts[-1] + 1:]])
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so the error line starts a line of its own."""
+    try:
+        from tqdm import tqdm
+
+        for b in list(getattr(tqdm, "_instances", ())):
+            b.close()
+    except Exception:  # cosmetic only
+        pass
+
+
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a script's ``main``; user errors print one line and exit 2 (no traceback)."""
     try:
         code = main(argv)
     except FKDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"error: {_message(e)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full or read-only disk where no writer named its file: still one line
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
             raise
+        _close_progress_bars()
         print(f"error: {e.strerror}" + (f": {e.filename}" if e.filename else " (writing the outputs of this run)"),
               file=sys.stderr)
         sys.exit(2)
