@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import re
 import subprocess
@@ -23,14 +24,16 @@ from .errors import ConfigError, FKDError, writing
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
 
-def _typed(kind: type, minimum: float | None, flag: str):
+def _typed(kind: type, minimum: float | None, flag: str, strict: bool = False):
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} expects {kind.__name__}, got {text!r}") from None
-        if minimum is not None and v < minimum:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {minimum}, got {text}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {text}")
+        if minimum is not None and (v <= minimum if strict else v < minimum):
+            raise argparse.ArgumentTypeError(f"{flag} must be {'>' if strict else '>='} {minimum}, got {text}")
         return v
     return parse
 
@@ -45,7 +48,7 @@ def nonneg_int(flag: str):
 
 
 def positive_float(flag: str):
-    return _typed(float, 1e-300, flag)
+    return _typed(float, 0, flag, strict=True)
 
 
 def nonneg_float(flag: str):

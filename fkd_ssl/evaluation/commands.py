@@ -8,6 +8,7 @@ to ``--results`` and prints a one-line summary.  Every user error is an FKDError
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def float_list(flag: str):
             values = [float(t) for t in text.split(",") if t.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} expects comma-separated numbers, got {text!r}") from None
-        if not values or min(values) < 0:
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
             raise argparse.ArgumentTypeError(f"{flag} expects numbers >= 0, got {text!r}")
         return values
     return parse
