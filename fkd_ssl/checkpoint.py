@@ -113,12 +113,17 @@ def resolve_path(ref: str | os.PathLike) -> Path:
     p = Path(ref)
     if p.suffix == ".json":
         p = p.with_suffix(".safetensors")
+        if not p.exists() and Path(ref).exists():
+            raise CheckpointError(f"checkpoint {ref} is a JSON file without its weights {p}: pass a model "
+                                  f".safetensors file")
     if not p.exists() and p.with_name(p.name + ".safetensors").exists():
         p = p.with_name(p.name + ".safetensors")
     if p.is_dir() and (p / "model.safetensors").exists():
         p = p / "model.safetensors"
     if not p.exists():
         raise CheckpointError(f"checkpoint {ref} does not exist")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {ref} is a folder without a model.safetensors, not a checkpoint")
     return p
 
 
@@ -168,7 +173,12 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                 raise CheckpointError(f"checkpoint {path} does not match its own model spec: {str(e)[:300]}") from e
         else:
             if arch is None:
-                raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is with --arch")
+                if path.suffix == ".safetensors":
+                    raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is "
+                                          f"with --arch")
+                raise CheckpointError(f"checkpoint {path} is not a model of this project (a .safetensors file); "
+                                      f"if it is a plain timm / torchvision state dict, say which architecture it "
+                                      f"is with --arch")
             sd = _plain_state_dict(path)
             num_classes = 0
             for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):

@@ -59,6 +59,8 @@ class TargetStore:
         student's dataset fingerprint); ConfigError naming the differing keys otherwise."""
         path = Path(path)
         mpath = path / L.MANIFEST
+        if path.is_file():
+            raise DataError(f"{path} is a file, not a target store (a folder)")
         if not path.is_dir():
             raise DataError(f"target store {path} does not exist")
         if not mpath.exists():
