@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--lr", type=positive_float("--lr"), default=0.1, help="SGD learning rate per 256 images")
     add_cache_args(p)
     add_output_args(p)
-    return run_linear_probe(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.holdout >= 1:
+        p.error(f"--holdout must be < 1 (a fraction of the train split), got {args.holdout}")
+    return run_linear_probe(args)
 
 
 if __name__ == "__main__":

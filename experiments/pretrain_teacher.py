@@ -59,8 +59,6 @@ def main(argv=None) -> int:
     args = parse(argv)
     ctx = fdist.setup(args.device)
     try:
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("teacher", args.data))
-        config = cli.save_run_config(out, vars(args) | {"out": str(out)}, IDENTITY, ctx.is_main)
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         spec = ModelSpec(arch=args.arch, stem=args.stem, head="moco" if args.method == "moco" else "simsiam",
@@ -79,6 +77,9 @@ def main(argv=None) -> int:
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                           optim=OptimConfig(args.optimizer, args.lr, args.weight_decay, 0.9, args.warmup_epochs),
                           amp=not args.no_amp, max_minutes=args.max_minutes)
+        # everything is checked: only now the run folder is touched
+        out = cli.prepare_out_dir(args.out or cli.default_run_dir("teacher", args.data))
+        config = cli.save_run_config(out, vars(args) | {"out": str(out)}, IDENTITY, ctx.is_main)
         meta = {"method": args.method, "kind": "ssl_teacher", "dataset": train_set.describe(),
                 "views": views.to_dict(), "config": config, "git_sha": config["git_sha"]}
         result = train(task, dataset, range(len(train_set)), cfg, ctx, out, meta, desc=f"{args.method} {args.arch}")

@@ -123,6 +123,7 @@ def run_knn(args: argparse.Namespace) -> int:
     ctx = setup(args.device)
     try:
         source = _source(args)
+        out = _out_dir(args, source)  # before the work: a bad --out fails fast
         train, val = load_splits(args.data, args.data_root, ctx)
         all_k = args.k + args.majority_k
         if not all_k:
@@ -146,7 +147,6 @@ def run_knn(args: argparse.Namespace) -> int:
                          extract_seconds=t_extract, cached=cached,
                          extra={"faiss_gpu": use_gpu, "eval_seconds": round(seconds - t_extract, 3)})
                 for r in results]
-        out = _out_dir(args, source)
         path = write_json(out / f"knn{_suffix(source)}.json",
                           {"source": source.describe(), "train": train.describe(), "val": val.describe(),
                            "config": vars(args), "results": rows})
@@ -167,6 +167,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     ctx = setup(args.device)
     try:
         source = _source(args)
+        out = _out_dir(args, source)  # before the work: a bad --out fails fast
         train, val = load_splits(args.data, args.data_root, ctx)
         if args.full:
             from .probe_full import FullProbeConfig, default_state_path, full_linear_probe
@@ -176,7 +177,6 @@ def run_linear_probe(args: argparse.Namespace) -> int:
                 raise ConfigError("--full takes a single --wd value")
             cfg = FullProbeConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=wd[0],
                                   seed=args.seed)
-            out = _out_dir(args, source)
             res = full_linear_probe(source, train, val, train.num_classes, ctx, cfg, workers=args.workers,
                                     state_path=default_state_path(out, source.output))
             protocol, t_extract, cached = "linear-full", 0.0, False
@@ -200,7 +200,6 @@ def run_linear_probe(args: argparse.Namespace) -> int:
         row = make_row(source=source.describe(), data=args.data, train=train.describe(), val=val.describe(),
                        protocol=protocol, top1=res.top1, top5=res.top5, seconds=seconds,
                        extract_seconds=t_extract, cached=cached, extra=extra)
-        out = _out_dir(args, source)
         name = ("linear_probe_full" if args.full else "linear_probe") + _suffix(source) + ".json"
         path = write_json(out / name, {"source": source.describe(), "train": train.describe(), "val": val.describe(),
                                        "config": vars(args), "results": [row]})
