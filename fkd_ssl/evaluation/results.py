@@ -107,7 +107,7 @@ def load_rows(table: str | os.PathLike) -> list[dict]:
     table = Path(table)
     if not table.is_file():
         raise DataError(f"--results {table} does not exist (run eval/knn.py or eval/linear_probe.py first)")
-    text = table.read_text(encoding="utf-8")
+    text = table.read_bytes().decode("utf-8", errors="replace")  # a binary file is all malformed rows
     rows: list[dict] = []
     bad = 0
     if table.suffix == ".csv":
