@@ -93,7 +93,7 @@ def resolve_fkd_root(folder: str | os.PathLike, split: str) -> Path:
     (the generator's ``--save_path`` adds one level named after the dataset folder)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise DataError(f"FKD soft-label folder {root} does not exist")
+        raise DataError(f"FKD soft-label folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     if (root / split).is_dir():
         return root
     subs = [e for e in sorted(root.iterdir()) if e.is_dir() and not e.name.startswith(".")]
