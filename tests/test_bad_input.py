@@ -439,7 +439,7 @@ def test_store_commands_on_bad_stores(capsys, w, tmp_path):
           case="store export-fkd | store of another dataset")
     fails(call(capsys, w, "import-fkd", tmp_path / "i"), "no_fkd_labels", case="store import-fkd | missing folder")
     fails(run(capsys, "store", "import-fkd", w.text, "--data", TINY, "--data-root", w.data_root, "--out",
-              tmp_path / "i2"), str(w.text), case="store import-fkd | a file, not a folder")
+              tmp_path / "i2"), str(w.text), "is a file, not a folder", case="store import-fkd | a file, not a folder")
 
 
 def test_store_verify_through_the_real_cli(w):
