@@ -9,6 +9,8 @@ command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py .
 
 from __future__ import annotations
 
+import torch
+
 from fkd_ssl import cli
 from fkd_ssl import dist as fdist
 from fkd_ssl.data import build_dataset
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
                          predictor_hidden=args.proj_hidden // 2 if args.method == "simsiam" else 0,
                          input_size=args.input_size)
         channels_last = ctx.device.type == "cuda"
+        torch.manual_seed(args.seed)  # the initial weights depend on --seed only
         encoder = Encoder(spec)
         if args.method == "moco":
             task = MoCo(encoder, args.queue_size, args.temperature, args.momentum, channels_last, ctx.distributed)

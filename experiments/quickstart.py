@@ -35,6 +35,10 @@ def main(argv=None) -> int:
     sizes = pipeline.FAST if args.fast else pipeline.FULL
     if args.data:
         sizes = replace(sizes, data=args.data)
+    from fkd_ssl.data import build_dataset
+
+    for split in ("train", "val"):  # a bad --data fails here, before the output folder is touched
+        build_dataset(sizes.data, split, args.data_root, verbose=split == "train")
     out = cli.prepare_out_dir(args.out or Path("runs") / ("quickstart-fast" if args.fast else "quickstart"))
     config = cli.save_run_config(out, {"data": sizes.data, "data_root": str(args.data_root), "fast": args.fast,
                                        "device": args.device, "workers": args.workers, "seed": args.seed,
