@@ -47,7 +47,8 @@ class Sizes:
     teacher_arch: str
     student_arch: str
     stem: str
-    size: int  # teacher and student input side
+    size: int  # teacher input side
+    student_size: int  # student input side (FKD: students may train at a lower resolution)
     effnet_view: int  # side of the views the EfficientNet-Lite teacher sees
     teacher_epochs: int
     classifier_epochs: int  # views per image
@@ -62,11 +63,12 @@ class Sizes:
 
 
 FULL = Sizes(data="synthetic", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
-             effnet_view=64, teacher_epochs=4, classifier_epochs=6, views_per_image=8, crops=4, student_passes=1,
+             student_size=32, effnet_view=48, teacher_epochs=2, classifier_epochs=4, views_per_image=4, crops=4,
+             student_passes=1,
              batch=64, queue=512, head_hidden=512, label_map_size=96, pixels=32)
 FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t", student_arch="resnet10t",
-             stem="default", size=32, effnet_view=48, teacher_epochs=1, classifier_epochs=1, views_per_image=4,
-             crops=2, student_passes=1, batch=32, queue=64, head_hidden=64, label_map_size=64,
+             stem="default", size=32, student_size=32, effnet_view=48, teacher_epochs=1, classifier_epochs=1,
+             views_per_image=4, crops=2, student_passes=1, batch=32, queue=64, head_hidden=64, label_map_size=64,
              pixels=16)
 
 
@@ -101,11 +103,11 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
                      "--batch-size", str(z.batch)]
     gen = [*common, "--workers", str(workers), "--views-per-image", str(z.views_per_image)]
     ssl_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
-                   "--input-size", str(z.size), "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes),
+                   "--input-size", str(z.student_size), "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes),
                    "--batch-size", str(z.batch // z.crops), "--queue-size", str(z.queue * 4),
                    "--head-hidden", str(z.head_hidden)]
     sup_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
-                   "--input-size", str(z.size), "--batch-size", str(z.batch), "--epochs",
+                   "--input-size", str(z.student_size), "--batch-size", str(z.batch), "--epochs",
                    str(z.student_passes * z.crops)]
     stages = [
         Stage("MoCo teacher", "experiments/pretrain_teacher.py",
@@ -128,7 +130,7 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
                "--out", str(run / "online-moco")], "ssl", "moco", model=run / "online-moco" / "model.safetensors"),
         Stage("MoCo alone (student arch, FKD's time)", "experiments/pretrain_teacher.py",
               [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem, "--input-size",
-               str(z.size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size",
+               str(z.student_size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size",
                str(z.batch), "--epochs", "100", "--out", str(run / "moco-alone")], "ssl", "none",
               model=run / "moco-alone" / "model.safetensors", argv_fn=_same_time_as(run / "fkd-moco")),
         Stage("classifier teacher", "experiments/train_classifier.py",
@@ -169,7 +171,7 @@ def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes, wor
           str(out / "results.jsonl")]
     refs = [(s.name, str(s.model), []) for s in stages if s.model is not None]
     refs += [(f"random init ({z.student_arch})", f"random:{z.student_arch}",
-              ["--stem", z.stem, "--input-size", str(z.size)]),
+              ["--stem", z.stem, "--input-size", str(z.student_size)]),
              ("raw pixels", f"pixels:{z.pixels}", [])]
     evals = []
     for name, ref, extra in refs:

@@ -32,3 +32,12 @@ def run_script(script: str, *args: str, timeout: float = 300, env: dict | None =
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models only lose time to a second thread on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

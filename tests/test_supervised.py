@@ -32,12 +32,7 @@ SMALL = ["--data", TINY, "--arch", "resnet10t", "--stem", "small", "--input-size
          "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_script(name: str):
