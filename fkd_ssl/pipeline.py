@@ -106,6 +106,7 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
                    "--input-size", str(z.student_size), "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes),
                    "--batch-size", str(z.batch // z.crops), "--queue-size", str(z.queue * 4),
                    "--head-hidden", str(z.head_hidden)]
+    # one stored crop per step and image: over a few passes K > 1 visits each image too rarely (docs/supervised.md)
     sup_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
                    "--input-size", str(z.student_size), "--batch-size", str(z.batch), "--epochs",
                    str(z.student_passes * z.crops)]
@@ -145,7 +146,7 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
                str(z.label_map_size), "--out", str(lmap)],
               "sup", "classifier", store=lmap),
         Stage("FKD student (soft labels)", "experiments/distill_sup.py",
-              [*sup_student, "--store", str(s_cls), "--crops-per-image", str(z.crops), "--out", str(run / "sup-fkd")],
+              [*sup_student, "--store", str(s_cls), "--crops-per-image", "1", "--out", str(run / "sup-fkd")],
               "sup", "classifier", model=run / "sup-fkd" / "model.safetensors", store=s_cls),
         Stage("plain-label student", "experiments/distill_sup.py",
               [*sup_student, "--targets", "hard", "--out", str(run / "sup-plain")], "sup", "none",
