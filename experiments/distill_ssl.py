@@ -12,8 +12,6 @@ trains with DDP.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -93,11 +91,6 @@ def parse(argv=None):
     return args
 
 
-def _store_id(store) -> str:
-    """A short digest of a store's identity and checksums (a regenerated store is another run)."""
-    blob = json.dumps({"identity": store.identity, "shards": store.manifest["shards"]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def main(argv=None) -> int:
     args = parse(argv)
@@ -155,7 +148,7 @@ def main(argv=None) -> int:
 
         # everything is checked: only now the run folder is touched
         out = cli.prepare_out_dir(args.out or cli.default_run_dir("distill", args.data, mode, args.loss, args.arch))
-        store_id = _store_id(store) if store is not None else None
+        store_id = store.digest() if store is not None else None
         config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id, "mode": mode},
                                      IDENTITY, ctx.is_main)
         if isinstance(source, StoreViews) and ctx.is_main:

@@ -18,8 +18,6 @@ resumes; ``torchrun --standalone --nproc_per_node=N experiments/distill_sup.py .
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,10 +103,6 @@ def parse(argv=None):
     return args
 
 
-def _store_id(store) -> str:
-    blob = json.dumps({"identity": store.identity, "shards": store.manifest["shards"]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def _sources(args, train_set, ctx):
     """(source, teacher-view config, student classes, teacher, teacher identity, store, label maps)."""
@@ -170,7 +164,7 @@ def main(argv=None) -> int:
 
         # everything is checked: only now the run folder is touched
         out = cli.prepare_out_dir(args.out or cli.default_run_dir("sup", args.data, mode, args.arch))
-        store_id = _store_id(store) if store is not None else None
+        store_id = store.digest() if store is not None else None
         config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id}, IDENTITY, ctx.is_main)
         passes = args.epochs // k
         if store is not None and ctx.is_main:

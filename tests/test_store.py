@@ -559,3 +559,13 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+def test_digest_names_the_identity_and_the_shard_checksums(reference):
+    """Students record store.digest(): equal for the same store, different once a shard changes."""
+    from fkd_ssl.store import TargetStore
+
+    a, b = TargetStore.open(reference), TargetStore.open(reference)
+    assert a.digest() == b.digest() and len(a.digest()) == 16
+    a.manifest["shards"] = [{"sha256": "0" * 64}]  # as if a shard had been regenerated
+    assert a.digest() != b.digest()

@@ -139,6 +139,15 @@ class TargetStore:
                 raise DataError(f"store file {self.path / L.done_file(entry['shard'])} marks images as not written")
         load_codec(self.path, self.manifest["codec"])  # codec state files against their checksums
 
+    def digest(self) -> str:
+        """16 hex digits of the store's identity and shard checksums: a regenerated store is another one
+        (students record it so that rerunning a run against a new store is refused)."""
+        import hashlib
+        import json
+
+        blob = json.dumps({"identity": self.identity, "shards": self.manifest["shards"]}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def nbytes(self) -> int:
         """Total bytes of the store's checksummed files."""
         return sum((self.path / n).stat().st_size for n in self.files())
