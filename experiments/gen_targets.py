@@ -18,7 +18,7 @@ import torch
 
 from fkd_ssl import cli
 from fkd_ssl import dist as fdist
-from fkd_ssl.data import build_dataset
+from fkd_ssl.data import build_dataset, load_uint8
 from fkd_ssl.errors import ConfigError
 from fkd_ssl.generate import generate
 from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec, owned_shards
@@ -83,13 +83,10 @@ def _codec(args, teacher):
 
 def _pq_sample(teacher, train_set, cfg, seed, R, device, max_views=8192) -> np.ndarray:
     """Teacher outputs on the first images' views: the deterministic sample PQ trains on."""
-    from fkd_ssl.data.image_io import pil_to_uint8_tensor
-
     outs, n = [], 0
     for i in range(len(train_set)):
-        try:
-            img = pil_to_uint8_tensor(train_set.load(i))
-        except Exception:
+        img, _ = load_uint8(train_set, i)
+        if img is None:  # unreadable: gen_targets records it as skipped
             continue
         views = render_views(img, sample_views(cfg, seed, i, range(R), img.shape[1], img.shape[2]), cfg)
         outs.append(teacher(views.to(device)).cpu().numpy())

@@ -21,8 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.datasets import IndexedDataset
-from .data.image_io import pil_to_uint8_tensor
-from .errors import DataError
+from .data.image_io import load_uint8
 from .progress import bar
 from .store import StoreWriter
 from .teacher import TeacherTargets
@@ -46,10 +45,9 @@ class GroupViews(Dataset):
         out = []
         for i in self.groups[g]:
             i = int(i)
-            try:
-                img = pil_to_uint8_tensor(self.base.load(i))
-            except DataError as e:
-                out.append((i, None, None, str(e)))
+            img, err = load_uint8(self.base, i)
+            if img is None:
+                out.append((i, None, None, err))
                 continue
             _, h, w = img.shape
             params = sample_views(self.cfg, self.seed, i, range(self.views), h, w)

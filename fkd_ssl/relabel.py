@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data.image_io import load_uint8
 from .errors import ConfigError, DataError
 from .models import Encoder, TorchvisionBackbone
 from .replay import FreshViews
@@ -290,17 +291,12 @@ class _WholeImages(Dataset):
     def __getitem__(self, g: int):
         from torchvision.transforms.v2 import functional as TF
 
-        from .data.image_io import pil_to_uint8_tensor
-
         out = []
         for i in self.groups[g]:
-            i = int(i)
-            try:
-                img = pil_to_uint8_tensor(self.base.load(i))
-            except DataError as e:
-                out.append((i, None, " ".join(str(e).split())))
-                continue
-            out.append((i, TF.resize(img, [self.size, self.size], interpolation=self.interp, antialias=True), None))
+            img, err = load_uint8(self.base, int(i))
+            if img is not None:
+                img = TF.resize(img, [self.size, self.size], interpolation=self.interp, antialias=True)
+            out.append((int(i), img, err))
         return out
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import TINY
-from fkd_ssl.data import SYNTHETIC_CLASSES, build_dataset, load_rgb, parse_spec
+from fkd_ssl.data import SYNTHETIC_CLASSES, build_dataset, load_rgb, load_uint8, parse_spec
 from fkd_ssl.data.synthetic import SyntheticConfig, ensure_synthetic
 from fkd_ssl.errors import DataError
 
@@ -108,6 +109,20 @@ def test_load_rgb_names_corrupt_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(DataError, match="empty.png"):
         load_rgb(empty)
+
+
+def test_load_uint8_returns_image_or_one_line_reason(tmp_path):
+    root = tmp_path / "ds" / "train" / "cat"
+    root.mkdir(parents=True)
+    arr = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(root / "a.png")
+    (root / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ds = build_dataset(f"imagefolder:{tmp_path / 'ds'}", "train")
+    img, err = load_uint8(ds, 0)
+    assert err is None and img.dtype == torch.uint8 and img.shape == (3, 6, 10)
+    assert np.array_equal(img.permute(1, 2, 0).numpy(), arr)
+    img, err = load_uint8(ds, 1)
+    assert img is None and "b.jpg" in err and "\n" not in err
 
 
 def test_data_root_that_is_a_file_is_a_one_line_error(tmp_path):

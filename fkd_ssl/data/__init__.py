@@ -2,10 +2,10 @@
 
 from .datasets import (DEFAULT_DATA_ROOT, DataSpec, ImageFolderDataset, IndexedDataset, build_dataset,
                        parse_spec)
-from .image_io import load_rgb, pil_to_uint8_tensor
+from .image_io import load_rgb, load_uint8, pil_to_uint8_tensor
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import SyntheticConfig, ensure_synthetic
 
 __all__ = ["DEFAULT_DATA_ROOT", "DataSpec", "ImageFolderDataset", "IndexedDataset", "build_dataset",
-           "parse_spec", "load_rgb", "pil_to_uint8_tensor", "SYNTHETIC_CLASSES", "SyntheticConfig",
+           "parse_spec", "load_rgb", "load_uint8", "pil_to_uint8_tensor", "SYNTHETIC_CLASSES", "SyntheticConfig",
            "ensure_synthetic"]

@@ -54,3 +54,15 @@ def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, H, W), contiguous."""
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_uint8(dataset, index: int) -> tuple[torch.Tensor | None, str | None]:
+    """Image ``index`` of ``dataset`` (anything with ``load(index) -> PIL image``) as uint8
+    ``(3, H, W)`` and ``None``, or ``(None, reason)`` when it cannot be decoded (``DataError``;
+    the reason on one line, for a skipped-images list).  Other exceptions propagate."""
+    from ..errors import DataError
+
+    try:
+        return pil_to_uint8_tensor(dataset.load(index)), None
+    except DataError as e:
+        return None, " ".join(str(e).split())
