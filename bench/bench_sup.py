@@ -14,12 +14,26 @@ training), every mode trains the same student with the same views per step throu
 * ``online``  -- ``--targets online``: K = 4 views per decoded image, the teacher labels them at
                every step (vanilla KD).
 
-An epoch is one view per image (FKD's accounting: K views of each decoded image are K epochs'
-worth), so every mode sees the same number of views.  Seconds per epoch = the run's training
-time / its epochs; the runs are interleaved (``--repeats`` rounds) and the median is reported.
-Prints ratios; never asserts.
+Two measurements, each side by side in one run with the modes interleaved (``--repeats``
+rounds, medians reported):
 
-    python bench/bench_sup.py                       # CPU sized, about 5 minutes on 2 cores
+1. *the data pipeline alone*: views/s of each mode's dataset (the one ``distill_sup.py`` builds:
+   decode, crops, resize, targets; online: also the teacher-size views) read in this process on
+   one thread, as one DataLoader worker does -- what sets the epoch time when the accelerator
+   waits on the CPU, as on the paper's 8 V100s;
+2. *training*: seconds per epoch of ``distill_sup.py`` itself (``--data-only`` skips it).  An
+   epoch is one view per image (FKD's accounting: K views of each decoded image are K epochs'
+   worth), so every mode sees the same number of views; seconds per epoch = the run's training
+   time / its epochs.
+
+The ReLabel map is made at ``--label-map-size`` (480: 15x15 locations for a stride-32 teacher,
+as ReLabel's published ImageNet maps), so RoIAlign pools a 1000 x 15 x 15 map per crop.  Prints
+ratios; never asserts.
+
+    python bench/bench_sup.py --data-only --workers 1   # the data pipelines: ~6 minutes on 2 cores
+    python bench/bench_sup.py --student-arch resnet10t --student-size 64 --teacher-arch resnet18 \
+        --epochs 12 --modes fkd,plain,relabel --workers 1  # + training, a light student: ~7 minutes
+    python bench/bench_sup.py                           # + training, ResNet-18 at 112 px: ~20 minutes
     python bench/bench_sup.py --device cuda --images 4096 --student-size 224 --teacher-size 224 \
         --batch-size 256 --workers 12 --epochs 8
 """
@@ -51,6 +65,36 @@ def _run(script: str, argv: list[str]) -> None:
         raise SystemExit(f"{script} failed with exit {code}")
 
 
+def data_rate(argv: list[str], seconds: float) -> tuple[float, int]:
+    """Views/s of one mode's data pipeline alone: ``distill_sup.py``'s dataset for ``argv``, items
+    ``(image, 0)`` read in this process on one thread for about ``seconds`` (decode, crops, resize,
+    targets; no student).  Returns (views/s, K)."""
+    import torch
+
+    from fkd_ssl.data import build_dataset
+    from fkd_ssl.dist import DistContext
+    from fkd_ssl.pipeline import load_script
+    from fkd_ssl.replay import ReplayDataset
+
+    mod = load_script("experiments/distill_sup.py")
+    args = mod.parse(argv)
+    train_set = build_dataset(args.data, "train", args.data_root, verbose=False)
+    source, teacher_cfg, _, teacher, *_ = mod._sources(args, train_set, DistContext(0, 1, 0, torch.device("cpu")))
+    dataset = ReplayDataset(train_set, source, teacher_cfg, args.input_size or teacher_cfg.size,
+                            render_teacher=teacher is not None, seed=args.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        dataset[(0, 0)]
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            dataset[(n % len(dataset), 0)]
+            n += 1
+        return n * dataset.k / (time.perf_counter() - t0), dataset.k
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
@@ -62,11 +106,22 @@ def main() -> None:
     p.add_argument("--student-size", type=int, default=112)
     p.add_argument("--teacher-arch", default="resnet50")
     p.add_argument("--teacher-size", type=int, default=160)
+    p.add_argument("--label-map-size", type=int, default=480,
+                   help="side the teacher sees the whole image at for the ReLabel map (480: 15x15 maps for a "
+                        "stride-32 teacher, the size of ReLabel's published ImageNet maps)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--data-seconds", type=float, default=10.0,
+                   help="seconds per mode and round of the data-pipeline-only measurement")
+    p.add_argument("--modes", default="fkd,plain,relabel,online",
+                   help="comma-separated subset of fkd, plain, relabel, online (fkd is always measured)")
+    p.add_argument("--data-only", action="store_true", help="measure the data pipelines only, no training")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = p.parse_args()
     if args.epochs % 4:
         p.error("--epochs must be a multiple of 4 (K = 4)")
+    wanted = set(args.modes.split(","))
+    if not wanted <= {"fkd", "plain", "relabel", "online"}:
+        p.error(f"--modes: unknown {sorted(wanted - {'fkd', 'plain', 'relabel', 'online'})}")
 
     import torch
 
@@ -95,7 +150,8 @@ def main() -> None:
                                             "--codec", "topk", "--topk", "5", "--out", str(tmp / "store")])
         t_store = time.time() - t0
         t0 = time.time()
-        _run("experiments/gen_label_map.py", [*common, "--teacher", ckpt, "--topk", "5", "--out", str(tmp / "lmap")])
+        _run("experiments/gen_label_map.py", [*common, "--teacher", ckpt, "--topk", "5", "--input-size",
+                                              str(args.label_map_size), "--out", str(tmp / "lmap")])
         t_map = time.time() - t0
         print(f"done once: store {t_store:.1f} s, ReLabel label map {t_map:.1f} s", flush=True)
 
@@ -108,6 +164,19 @@ def main() -> None:
             "relabel": ["--targets", "relabel", "--label-map", str(tmp / "lmap"), "--crops-per-image", "1"],
             "online": ["--targets", "online", "--teacher", ckpt, "--crops-per-image", "4"],
         }
+        modes = {m: a for m, a in modes.items() if m == "fkd" or m in wanted}
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        for rep in range(args.repeats):  # the data pipeline alone, interleaved
+            for name, extra in modes.items():
+                rates[name].append(data_rate([*student_args, *extra, "--out", str(tmp / "unused")], args.data_seconds)[0])
+        rate = {m: float(np.median(v)) for m, v in rates.items()}
+        print("\ndata pipeline alone (decode + crops + targets, 1 thread; median views/s), relative to FKD:")
+        for m, r in rate.items():
+            print(f"  {m:8s} {r:8.1f} views/s  {rate['fkd'] / r:.2f}x the time per view")
+        print(f"ordering (fastest first): {' < '.join(sorted(rate, key=rate.get, reverse=True))}\n", flush=True)
+
+        if args.data_only:
+            return
         per_epoch: dict[str, list[float]] = {m: [] for m in modes}
         for rep in range(args.repeats):
             for name, extra in modes.items():
@@ -123,6 +192,9 @@ def main() -> None:
             print(f"  {m:8s} {s:8.2f} s  {s / med['fkd']:.2f}x   paper: {paper}")
         order = sorted(med, key=med.get)
         print(f"ordering (fastest first): {' < '.join(order)}")
+        slower = ", ".join(f"{m} {rate['fkd'] / rate[m]:.2f}x" for m in rate if m != "fkd")
+        print(f"data pipeline alone: {' < '.join(sorted(rate, key=rate.get, reverse=True))} ({slower} FKD's time "
+              f"per view)")
     finally:
         if args.keep:
             print(f"kept {tmp}")
