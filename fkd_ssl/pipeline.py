@@ -11,7 +11,8 @@ a fixed argument list; :func:`plan` lists them in order:
 2. supervised variant: a classifier teacher on the dataset's labels (``train_classifier.py``)
    -> its top-k soft labels (``gen_targets.py``) and ReLabel label map (``gen_label_map.py``)
    -> FKD, plain-label and ReLabel students (``distill_sup.py``);
-3. kNN and linear probe of every model and of the random-init and raw-pixel baselines.
+3. kNN and linear probe of every model, of the EfficientNet-Lite0 teacher as it is, and of the
+   random-init and raw-pixel baselines.
 
 Each stage runs in this process through the script's own ``main(argv)``, so what it does is
 exactly what the printed command does.  ``<out>/pipeline.json`` records finished stages
@@ -41,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Sizes:
-    """Every size the quick start uses; ``FULL`` on the default synthetic set, ``FAST`` for CI."""
+    """Every size the quick start uses: ``FULL`` (2,500 train / 1,000 val images of the built-in
+    synthetic set, about 13 minutes on 2 CPU cores) and ``FAST`` (about 1 minute; what CI runs)."""
 
     data: str
     teacher_arch: str
@@ -62,8 +64,8 @@ class Sizes:
     pixels: int  # side of the raw-pixel baseline
 
 
-FULL = Sizes(data="synthetic", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
-             student_size=32, effnet_view=48, teacher_epochs=2, classifier_epochs=4, views_per_image=4, crops=4,
+FULL = Sizes(data="synthetic:train=2500", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
+             student_size=32, effnet_view=48, teacher_epochs=2, classifier_epochs=3, views_per_image=4, crops=4,
              student_passes=1,
              batch=64, queue=512, head_hidden=512, label_map_size=96, pixels=32)
 FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t", student_arch="resnet10t",
@@ -170,16 +172,19 @@ def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes, wor
     """kNN + fast linear probe of every model, plus random-init and raw-pixel baselines."""
     ev = [*common, "--workers", str(workers), "--cache-dir", str(out / "features"), "--results",
           str(out / "results.jsonl")]
-    refs = [(s.name, str(s.model), []) for s in stages if s.model is not None]
-    refs += [(f"random init ({z.student_arch})", f"random:{z.student_arch}",
-              ["--stem", z.stem, "--input-size", str(z.student_size)]),
-             ("raw pixels", f"pixels:{z.pixels}", [])]
+    refs = [(s.name, str(s.model), [], s.variant, s.teacher) for s in stages if s.model is not None]
+    # the ImageNet teacher as it is (its features at the size its store's views had), then the baselines
+    refs += [("EfficientNet-Lite0 teacher (ImageNet)", "effnet-lite0", ["--input-size", str(z.effnet_view)], "ssl",
+              "effnet-lite0"),
+             (f"random init ({z.student_arch})", f"random:{z.student_arch}",
+              ["--stem", z.stem, "--input-size", str(z.student_size)], "baseline", ""),
+             ("raw pixels", f"pixels:{z.pixels}", [], "baseline", "")]
     evals = []
-    for name, ref, extra in refs:
+    for name, ref, extra, variant, teacher in refs:
         for script in ("eval/knn.py", "eval/linear_probe.py"):
             evals.append(Stage(f"{'kNN' if 'knn' in script else 'linear probe'}: {name}", script,
                                [*ev, "--checkpoint", ref, "--name", name, *extra,
-                                "--out", str(out / "eval" / _slug(name))]))
+                                "--out", str(out / "eval" / _slug(name))], variant, teacher))
     return evals
 
 
@@ -267,9 +272,13 @@ def summary_rows(out: Path, stages: list[Stage]) -> list[dict]:
             acc[(r["model"], "linear")] = r["top1"]
     rows = []
     named = [(s.name, s) for s in stages if s.model is not None]
-    z_names = sorted({r["model"] for r in results} - {n for n, _ in named})
+    evaluated = {s.name.split(": ", 1)[1]: s for s in stages if s.script.startswith("eval/")}
+    z_names = [n for n in dict.fromkeys(evaluated) if n not in dict(named)]  # in plan order
+    z_names += sorted({r["model"] for r in results} - {n for n, _ in named} - set(z_names))
     for name, s in named + [(n, None) for n in z_names]:
-        row = {"model": name, "variant": s.variant if s else "baseline", "teacher": s.teacher if s else "",
+        e = s or evaluated.get(name)
+        row = {"model": name, "variant": (e.variant or "baseline") if e else "baseline",
+               "teacher": e.teacher if e else "",
                "knn_top1": acc.get((name, "knn")), "linear_top1": acc.get((name, "linear")),
                "train_s": None, "views_per_s": None, "store_mb": None}
         if s is not None and s.model is not None and s.model.with_suffix(".json").exists():
