@@ -10,7 +10,8 @@ a fixed argument list; :func:`plan` lists them in order:
    ``pretrain_teacher.py``);
 2. supervised variant: a classifier teacher on the dataset's labels (``train_classifier.py``)
    -> its top-k soft labels (``gen_targets.py``) and ReLabel label map (``gen_label_map.py``)
-   -> FKD, plain-label and ReLabel students (``distill_sup.py``);
+   -> FKD, plain-label and ReLabel students (``distill_sup.py``); and the ImageNet variant in
+   miniature: EfficientNet-Lite0's 1000-class top-k soft labels -> a 1000-way FKD student;
 3. kNN and linear probe of every model, of the EfficientNet-Lite0 teacher as it is, and of the
    random-init and raw-pixel baselines.
 
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Sizes:
-    """Every size the quick start uses: ``FULL`` (2,500 train / 1,000 val images of the built-in
+    """Every size the quick start uses: ``FULL`` (2,000 train / 1,000 val images of the built-in
     synthetic set, about 13 minutes on 2 CPU cores) and ``FAST`` (about 1 minute; what CI runs)."""
 
     data: str
@@ -64,7 +65,7 @@ class Sizes:
     pixels: int  # side of the raw-pixel baseline
 
 
-FULL = Sizes(data="synthetic:train=2500", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
+FULL = Sizes(data="synthetic:train=2000", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
              student_size=32, effnet_view=48, teacher_epochs=2, classifier_epochs=3, views_per_image=4, crops=4,
              student_passes=1,
              batch=64, queue=512, head_hidden=512, label_map_size=96, pixels=32)
@@ -100,6 +101,7 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
     run = out / "runs"
     t_moco, t_cls = run / "teacher-moco", run / "classifier"
     s_moco, s_eff, s_cls, lmap = run / "store-moco", run / "store-effnet", run / "store-classifier", run / "labelmap"
+    s_eff_probs = run / "store-effnet-probs"
     teacher_train = [*common, "--workers", str(workers), "--arch", z.teacher_arch, "--stem", z.stem,
                      "--input-size", str(z.size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden),
                      "--batch-size", str(z.batch)]
@@ -150,6 +152,13 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
         Stage("FKD student (soft labels)", "experiments/distill_sup.py",
               [*sup_student, "--store", str(s_cls), "--crops-per-image", "1", "--out", str(run / "sup-fkd")],
               "sup", "classifier", model=run / "sup-fkd" / "model.safetensors", store=s_cls),
+        Stage("store: EfficientNet-Lite0 soft labels", "experiments/gen_targets.py",
+              [*gen, "--teacher", "effnet-lite0", "--target", "probs", "--view-size", str(z.effnet_view),
+               "--batch-size", "128", "--out", str(s_eff_probs)], "sup", "effnet-lite0", store=s_eff_probs),
+        Stage("FKD student (EffNet soft labels)", "experiments/distill_sup.py",  # a 1000-way ImageNet classifier
+              [*sup_student, "--store", str(s_eff_probs), "--crops-per-image", "1", "--out",
+               str(run / "sup-fkd-effnet")], "sup", "effnet-lite0", model=run / "sup-fkd-effnet" / "model.safetensors",
+              store=s_eff_probs),
         Stage("plain-label student", "experiments/distill_sup.py",
               [*sup_student, "--targets", "hard", "--out", str(run / "sup-plain")], "sup", "none",
               model=run / "sup-plain" / "model.safetensors"),

@@ -14,8 +14,8 @@ from conftest import ROOT, run_script
 
 EXPECTED = {"MoCo teacher", "FKD student (MoCo store)", "FKD student (EffNet store)", "online-teacher student (MoCo)",
             "MoCo alone (student arch, FKD's time)", "classifier teacher", "FKD student (soft labels)",
-            "plain-label student", "ReLabel student", "EfficientNet-Lite0 teacher (ImageNet)", "random init (resnet10t)",
-            "raw pixels"}
+            "FKD student (EffNet soft labels)", "plain-label student", "ReLabel student",
+            "EfficientNet-Lite0 teacher (ImageNet)", "random init (resnet10t)", "raw pixels"}
 UNTRAINED = {"EfficientNet-Lite0 teacher (ImageNet)", "random init (resnet10t)", "raw pixels"}
 
 
@@ -37,7 +37,7 @@ def test_fast_quickstart_runs_everything_and_resumes(tmp_path):
     assert rows["EfficientNet-Lite0 teacher (ImageNet)"]["variant"] == "ssl"
     assert rows["raw pixels"]["variant"] == "baseline"
     for name in ("FKD student (MoCo store)", "FKD student (EffNet store)", "FKD student (soft labels)",
-                 "ReLabel student"):
+                 "FKD student (EffNet soft labels)", "ReLabel student"):
         assert float(rows[name]["store_mb"]) > 0, name
     assert float(rows["MoCo alone (student arch, FKD's time)"]["views_per_s"]) > 0
     report = (out / "report.md").read_text()
@@ -45,7 +45,7 @@ def test_fast_quickstart_runs_everything_and_resumes(tmp_path):
     assert "python experiments/distill_sup.py" in report  # every stage says how to reproduce it
     assert (out / "accuracy_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ledger = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert len(ledger) == 13 + 2 * len(EXPECTED)  # training stages + kNN and probe of each
+    assert len(ledger) == 15 + 2 * len(EXPECTED)  # training stages + kNN and probe of each
 
     t0 = time.time()
     again = run_script("experiments/quickstart.py", *args, timeout=300)
