@@ -48,21 +48,34 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+_users = 0  # setup() calls not yet matched by cleanup(): the group lives while any caller uses it
+
+
 def setup(device: str = "auto", timeout_s: int = 1800) -> DistContext:
-    """Initialise from torchrun's environment if present; else a single process."""
+    """Initialise from torchrun's environment if present; else a single process.
+
+    Calls nest: a script run inside another that already set up the group (the quick start runs
+    every stage's ``main`` in one process) shares the group, and only the outermost
+    :func:`cleanup` destroys it."""
+    global _users
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    if world > 1:
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        _users += 1
     return DistContext(rank, world, local, dev)
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
+    """End one :func:`setup`; the last one destroys the process group."""
+    global _users
+    _users = max(_users - 1, 0)
+    if dist.is_initialized() and _users == 0:
         dist.destroy_process_group()
 
 

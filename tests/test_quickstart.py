@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+
+import pytest
 
 from conftest import ROOT, run_script
 
@@ -64,3 +67,27 @@ def test_console_script_is_declared_and_runs():
                                        "--help"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and "--fast" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fast_quickstart_under_torchrun(tmp_path):
+    """Two processes: every stage runs on both ranks (DDP), rank 0 alone keeps the ledger and
+    writes each result once; a rerun under torchrun skips every stage."""
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "experiments" / "quickstart.py"), "--fast", "--data-root", str(tmp_path / "data"), "--out",
+           str(out), "--device", "cpu", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("quick start: ") == 1 and "2 process(es)" in (out / "report.md").read_text()
+    with open(out / "summary.csv") as f:
+        assert {r["model"] for r in csv.DictReader(f)} == EXPECTED
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    keys = [(r["model"], r["protocol"], r.get("k")) for r in rows]
+    assert len(keys) == len(set(keys))  # each evaluation written once, by rank 0
+    ledger = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert len(ledger) == 15 + 2 * len(EXPECTED)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count(": done (") == len(ledger)
