@@ -222,19 +222,24 @@ def load_script(script: str):
 class Ledger:
     """``<out>/pipeline.json``: which stages finished, in how many seconds, with which command."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, write: bool = True):
+        self.path, self.write = path, write  # write: False on torchrun ranks other than 0
         self.done: dict[str, dict] = json.loads(path.read_text())["stages"] if path.exists() else {}
 
     def record(self, stage: Stage, seconds: float, command: str) -> None:
         self.done[stage.name] = {"seconds": round(seconds, 2), "command": command, "script": stage.script}
+        if not self.write:
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"stages": self.done}, indent=1) + "\n")
         os.replace(tmp, self.path)
 
 
-def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] = print) -> None:
-    """Run every stage not yet in the ledger, in order; a failing stage stops the pipeline."""
+def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] = print,
+               sync: Callable[[], None] = lambda: None) -> None:
+    """Run every stage not yet in the ledger, in order; a failing stage stops the pipeline.
+    ``sync`` runs after each stage (a barrier under torchrun: a stage's outputs, written by rank
+    0, exist before any rank starts the next one)."""
     for i, stage in enumerate(stages, 1):
         if stage.name in ledger.done:
             log(f"[{i}/{len(stages)}] {stage.name}: done ({ledger.done[stage.name]['seconds']:.0f} s)")
@@ -246,6 +251,7 @@ def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] =
         code = load_script(stage.script).main(stage.argv + extra)
         if code:
             raise ConfigError(f"stage '{stage.name}' failed (exit {code}): {command}")
+        sync()
         ledger.record(stage, time.time() - t0, command)
 
 
@@ -316,29 +322,47 @@ def render_summary(rows: list[dict]) -> str:
 
 
 def plot_summary(rows: list[dict], path: Path) -> Path:
-    """Accuracy (kNN and linear top-1) vs training wall time, one point per trained model."""
+    """Accuracy (kNN and linear top-1) vs training wall time, one point per trained model (one
+    colour each, named in the legend below); models that were not trained here (the ImageNet
+    teacher, random init, raw pixels) are horizontal reference lines, named on the line -- or at
+    the top, with their value, when they lie far above every trained model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    trained = [r for r in rows if r["train_s"] is not None]
+    refs = [r for r in rows if r["train_s"] is None]
+    colours = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     for ax, key, title in ((axes[0], "knn_top1", "kNN top-1 (k=20)"), (axes[1], "linear_top1", "linear top-1")):
-        for r in rows:
+        ys = [r[key] for r in trained if r[key] is not None]
+        top = (max(ys) + 6) if ys else 100.0
+        for n, r in enumerate(trained):
+            if r[key] is not None:
+                ax.scatter(r["train_s"], r[key], s=48, zorder=3, color=colours[n % len(colours)],
+                           marker={"ssl": "o", "sup": "s"}.get(r["variant"], "^"), label=r["model"])
+        above = []
+        for r in refs:
             if r[key] is None:
                 continue
-            if r["train_s"] is None:  # baselines without training: a horizontal reference line
-                ax.axhline(r[key], ls=":", lw=1, color="grey")
-                ax.annotate(r["model"], (0, r[key]), fontsize=7, color="grey", va="bottom")
+            if r[key] > top:
+                above.append(f"{r['model']}: {r[key]:.1f} (above)")
                 continue
-            marker = {"ssl": "o", "sup": "s"}.get(r["variant"], "^")
-            ax.scatter(r["train_s"], r[key], marker=marker)
-            ax.annotate(r["model"], (r["train_s"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ys.append(r[key])
+            ax.axhline(r[key], ls=":", lw=1, color="grey")
+            ax.text(0.01, r[key], f"{r['model']} ({r[key]:.1f})", transform=ax.get_yaxis_transform(), fontsize=7,
+                    color="dimgrey", va="bottom")
+        if above:
+            ax.text(0.01, 0.98, "\n".join(above), transform=ax.transAxes, fontsize=7, color="dimgrey", va="top")
+        ax.set_ylim(max(0.0, min(ys, default=0.0) - 3), top + (4 if above else 0))
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title + "  (o: SSL variant, s: supervised)", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(labels) + 2) // 3), 1, 1))
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
