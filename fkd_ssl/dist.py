@@ -117,6 +117,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def agree(*flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
+    """Rank 0's ``flags`` on every rank (one broadcast).  Decisions a rank takes from its own
+    clock -- a time limit, a periodic checkpoint -- must be the same on every rank, or one rank
+    waits in a barrier while another waits in DDP's all-reduce."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.uint8, device=device)
+    dist.broadcast(t, 0)
+    return tuple(bool(v) for v in t.tolist())
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj

@@ -297,7 +297,12 @@ def train(task: nn.Module, dataset: Dataset, indices, cfg: TrainConfig, ctx: Dis
                              views_s=f"{n_view / max(elapsed, 1e-9):.0f}", refresh=False)
             log.log(step, {**row, "elapsed": elapsed})
             window = {}
-        if batch_in_epoch == steps_per_epoch:
+        epoch_end = batch_in_epoch == steps_per_epoch
+        stop = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
+        save = not epoch_end and cfg.ckpt_minutes > 0 and time.time() - last_ckpt > cfg.ckpt_minutes * 60
+        if ctx.distributed and (cfg.max_minutes > 0 or cfg.ckpt_minutes > 0):
+            stop, save = fdist.agree(stop, save, device=device)  # rank 0's clock decides for every rank
+        if epoch_end:
             epoch += 1
             batch_in_epoch = 0
             checkpoint()
@@ -309,10 +314,10 @@ def train(task: nn.Module, dataset: Dataset, indices, cfg: TrainConfig, ctx: Dis
                     pbar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
                 task.train()
             t_last = time.time()  # evaluation time is not training time
-        elif cfg.ckpt_minutes > 0 and time.time() - last_ckpt > cfg.ckpt_minutes * 60:
+        elif save:
             checkpoint()
             last_ckpt = time.time()
-        if cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60:
+        if stop:
             if window:  # the rows since the last log, so a time-limited run still reports its speed
                 n = window.pop("_n")
                 log.log(step, {**{k: v / n for k, v in window.items()}, "lr": lr, "epoch": epoch,
