@@ -81,7 +81,8 @@ def data_rate(argv: list[str], seconds: float) -> tuple[float, int]:
     train_set = build_dataset(args.data, "train", args.data_root, verbose=False)
     source, teacher_cfg, _, teacher, *_ = mod._sources(args, train_set, DistContext(0, 1, 0, torch.device("cpu")))
     dataset = ReplayDataset(train_set, source, teacher_cfg, args.input_size or teacher_cfg.size,
-                            render_teacher=teacher is not None, seed=args.seed)
+                            render_teacher=teacher is not None, extra_aug=args.extra_aug, fast_decode=args.fast_decode,
+                            seed=args.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Sizes:
     """Every size the quick start uses: ``FULL`` (2,000 train / 1,000 val images of the built-in
-    synthetic set, about 13 minutes on 2 CPU cores) and ``FAST`` (about 1 minute; what CI runs)."""
+    synthetic set, about 12 minutes on 2 CPU cores) and ``FAST`` (about 1 minute; what CI runs)."""
 
     data: str
     teacher_arch: str
@@ -82,7 +82,7 @@ class Stage:
     name: str
     script: str
     argv: list[str]
-    variant: str = ""  # "ssl" / "sup" / "" (baselines)
+    variant: str = ""  # "ssl" / "sup" / "reference" (a teacher not trained here) / "baseline"
     teacher: str = ""
     model: Path | None = None
     store: Path | None = None
@@ -183,8 +183,8 @@ def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes, wor
           str(out / "results.jsonl")]
     refs = [(s.name, str(s.model), [], s.variant, s.teacher) for s in stages if s.model is not None]
     # the ImageNet teacher as it is (its features at the size its store's views had), then the baselines
-    refs += [("EfficientNet-Lite0 teacher (ImageNet)", "effnet-lite0", ["--input-size", str(z.effnet_view)], "ssl",
-              "effnet-lite0"),
+    refs += [("EfficientNet-Lite0 teacher (ImageNet)", "effnet-lite0", ["--input-size", str(z.effnet_view)],
+              "reference", "effnet-lite0"),
              (f"random init ({z.student_arch})", f"random:{z.student_arch}",
               ["--stem", z.stem, "--input-size", str(z.student_size)], "baseline", ""),
              ("raw pixels", f"pixels:{z.pixels}", [], "baseline", "")]
@@ -360,7 +360,11 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title + "  (o: SSL variant, s: supervised)", fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend = {}  # every trained model, also one with a linear but no kNN value
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(labels) + 2) // 3), 1, 1))
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)

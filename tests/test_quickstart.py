@@ -37,7 +37,7 @@ def test_fast_quickstart_runs_everything_and_resumes(tmp_path):
         assert 0.0 <= float(r["knn_top1"]) <= 100.0 and 0.0 <= float(r["linear_top1"]) <= 100.0, name
     for name in EXPECTED - UNTRAINED:
         assert float(rows[name]["train_s"]) > 0, name
-    assert rows["EfficientNet-Lite0 teacher (ImageNet)"]["variant"] == "ssl"
+    assert rows["EfficientNet-Lite0 teacher (ImageNet)"]["variant"] == "reference"
     assert rows["raw pixels"]["variant"] == "baseline"
     for name in ("FKD student (MoCo store)", "FKD student (EffNet store)", "FKD student (soft labels)",
                  "FKD student (EffNet soft labels)", "ReLabel student"):
