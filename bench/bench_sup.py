@@ -74,15 +74,11 @@ def data_rate(argv: list[str], seconds: float) -> tuple[float, int]:
     from fkd_ssl.data import build_dataset
     from fkd_ssl.dist import DistContext
     from fkd_ssl.pipeline import load_script
-    from fkd_ssl.replay import ReplayDataset
 
     mod = load_script("experiments/distill_sup.py")
     args = mod.parse(argv)
     train_set = build_dataset(args.data, "train", args.data_root, verbose=False)
-    source, teacher_cfg, _, teacher, *_ = mod._sources(args, train_set, DistContext(0, 1, 0, torch.device("cpu")))
-    dataset = ReplayDataset(train_set, source, teacher_cfg, args.input_size or teacher_cfg.size,
-                            render_teacher=teacher is not None, extra_aug=args.extra_aug, fast_decode=args.fast_decode,
-                            seed=args.seed)
+    dataset = mod.training_data(args, train_set, DistContext(0, 1, 0, torch.device("cpu")))[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:

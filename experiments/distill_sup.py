@@ -142,6 +142,17 @@ def _sources(args, train_set, ctx):
     return FreshViews(geometry, k, args.seed), geometry, train_set.num_classes, None, None, None, None
 
 
+def training_data(args, train_set, ctx):
+    """What ``--targets`` trains on: (ReplayDataset of K views per image with their targets,
+    teacher-view config, student classes, teacher, teacher identity, store, label maps).  Sets
+    ``args.input_size`` when it was left to the teacher's.  Also used by ``bench/bench_sup.py``."""
+    source, teacher_cfg, num_classes, teacher, teacher_id, store, maps = _sources(args, train_set, ctx)
+    args.input_size = args.input_size or teacher_cfg.size
+    dataset = ReplayDataset(train_set, source, teacher_cfg, args.input_size, render_teacher=teacher is not None,
+                            extra_aug=args.extra_aug, fast_decode=args.fast_decode, seed=args.seed)
+    return dataset, teacher_cfg, num_classes, teacher, teacher_id, store, maps
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     ctx = fdist.setup(args.device)
@@ -149,11 +160,8 @@ def main(argv=None) -> int:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
             val_set = None if args.no_val else build_dataset(args.data, "val", args.data_root, verbose=False)
-        source, teacher_cfg, num_classes, teacher, teacher_id, store, maps = _sources(args, train_set, ctx)
-        args.input_size = args.input_size or teacher_cfg.size
+        dataset, teacher_cfg, num_classes, teacher, teacher_id, store, maps = training_data(args, train_set, ctx)
         mode, k = args.targets, args.crops_per_image
-        dataset = ReplayDataset(train_set, source, teacher_cfg, args.input_size, render_teacher=teacher is not None,
-                                extra_aug=args.extra_aug, fast_decode=args.fast_decode, seed=args.seed)
         indices = store.valid_indices() if store is not None else range(len(train_set))
         torch.manual_seed(args.seed)  # the student's initial weights depend on --seed only
         student = build_classifier(args.arch, args.stem, args.input_size, num_classes)

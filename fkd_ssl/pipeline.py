@@ -287,9 +287,10 @@ def summary_rows(out: Path, stages: list[Stage]) -> list[dict]:
             acc[(r["model"], "linear")] = r["top1"]
     rows = []
     named = [(s.name, s) for s in stages if s.model is not None]
+    trained = {n for n, _ in named}
     evaluated = {s.name.split(": ", 1)[1]: s for s in stages if s.script.startswith("eval/")}
-    z_names = [n for n in dict.fromkeys(evaluated) if n not in dict(named)]  # in plan order
-    z_names += sorted({r["model"] for r in results} - {n for n, _ in named} - set(z_names))
+    z_names = [n for n in evaluated if n not in trained]  # the references and baselines, in plan order
+    z_names += sorted({r["model"] for r in results} - trained - set(z_names))  # results of other runs
     for name, s in named + [(n, None) for n in z_names]:
         e = s or evaluated.get(name)
         row = {"model": name, "variant": (e.variant or "baseline") if e else "baseline",
