@@ -101,6 +101,16 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 (16 hex) of a module's state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def model_identity(ref: str) -> str:
     """A stable identity for a model reference: a file digest, or the teacher's name."""
     if ref in NAMED_TEACHERS:

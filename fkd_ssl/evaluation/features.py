@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import load_model, model_identity
+from ..checkpoint import load_model, model_identity, weights_digest
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
 from ..errors import CheckpointError, ConfigError, DataError, writing
@@ -96,16 +96,6 @@ def spec_eval_transform(spec: ModelSpec, input_size: int | None = None) -> tuple
 
 
 # ----------------------------------------------------------------------------- feature sources
-
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 (16 hex) of a module's state dict (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -18,17 +18,16 @@ Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DataError, writing
+from ..fileio import canonical_json, file_sha256, read_json, tmp_name, write_bytes_atomic, write_json_atomic  # noqa: F401
 
 FORMAT = "fkd_ssl.target_store"
 VERSION = 1
@@ -99,88 +98,12 @@ def is_tmp_file(name: str) -> bool:
     return is_store_file(name) and ".tmp." in name
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}-{os.getpid()}")
-
-
-def canonical_json(obj: Any) -> str:
-    """The one text form of a JSON value the store writes (sorted keys, fixed indent)."""
-    return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n"
-
-
 def normalise(obj: Any, what: str) -> Any:
     """``obj`` as it will read back from JSON (tuples -> lists); ConfigError if not JSON-able."""
     try:
         return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{what} must be plain JSON (str/int/float/bool/None/list/dict): {e}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes, exclusive: bool = False) -> bool:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
-
-    With ``exclusive`` the file is only created if absent (hard link, atomic on a shared
-    filesystem) and the return value says whether this call created it.
-    """
-    tmp = _tmp_name(path)
-    try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if exclusive:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-                except OSError:  # a filesystem without hard links: create-if-absent, not race-free
-                    if path.exists():
-                        return False
-                    os.replace(tmp, path)
-            else:
-                os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return True
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: Path, obj: Any, exclusive: bool = False) -> bool:
-    return write_bytes_atomic(path, canonical_json(obj).encode(), exclusive=exclusive)
-
-
-def read_json(path: Path) -> Any:
-    """Parse a store JSON file; DataError naming the file if missing or corrupt."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"store file {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"store file {path} is corrupt ({e})") from None
-
-
-def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
-    """Full sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_entry(path: Path) -> dict:
@@ -236,7 +159,7 @@ def preallocate(f) -> None:
 
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Create a zero-filled ``.npy`` atomically (temporary name, then rename)."""
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     try:
         with writing(path):
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
