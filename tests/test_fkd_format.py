@@ -202,7 +202,7 @@ def test_interrupted_import_resumes_to_the_same_bytes(tmp_path, data):
     from fkd_ssl.store import fkd_format as F
 
     calls = {"n": 0}
-    real = StoreWriter.write
+    real = StoreWriter.write_encoded
 
     def dying_write(self, *a, **kw):
         if calls["n"] == 1:
@@ -212,11 +212,11 @@ def test_interrupted_import_resumes_to_the_same_bytes(tmp_path, data):
 
     old_chunk, F.IMPORT_CHUNK = F.IMPORT_CHUNK, 2
     try:
-        StoreWriter.write = dying_write
+        StoreWriter.write_encoded = dying_write
         with pytest.raises(KeyboardInterrupt):
             _import(fkd, data, out, "--shard-size", "2")
     finally:
-        StoreWriter.write = real
+        StoreWriter.write_encoded = real
     with pytest.raises(DataError, match="not finished"):
         TargetStore.open(out)
     try:

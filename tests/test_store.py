@@ -491,6 +491,12 @@ def test_writer_input_checks(tmp_path):
         w.write(np.array([0, 1]), p[:, :2], t)
     with pytest.raises(ValueError, match="twice"):
         w.write(np.array([0, 0]), p, t)
+    enc = {n: a.reshape(2, R, -1) for n, a in w.codec.encode(t.reshape(2 * R, C)).items()}
+    with pytest.raises(ValueError, match="encoded fields"):
+        w.write_encoded(np.array([0, 1]), p, {"idx": enc["idx"]})
+    with pytest.raises(ValueError, match="encoded field val is float32"):
+        w.write_encoded(np.array([0, 1]), p, {**enc, "val": enc["val"].astype(np.float32)})
+    w.write_encoded(np.array([0, 1]), p, enc)  # the same records as write()
     t[0, 0, 0] = np.nan
     with pytest.raises(DataError, match="NaN"):
         w.write(np.array([0, 1]), p, t)

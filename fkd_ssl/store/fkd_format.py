@@ -414,28 +414,6 @@ def save_label_file(path: Path, state: list[np.ndarray]) -> None:
 # ----------------------------------------------------------------------------- import
 
 
-def _pre_encoded_topk(k: int, num_classes: int, mode: str):
-    """A ``topk`` codec whose ``encode`` hands back fields prepared beforehand (``.pending``).
-
-    The store records it as the plain ``topk`` codec (same name, parameters and fields) and
-    reads it with one; it only lets the importer keep FKD's own indices, order and values
-    instead of re-deriving a top-k from reconstructed probabilities (where ties could pick
-    other classes).
-    """
-    from .codecs import TopKCodec
-
-    class _PreEncodedTopK(TopKCodec):
-        pending: dict[str, np.ndarray] | None = None
-
-        def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-            fields, self.pending = self.pending, None
-            if fields is None or len(fields["idx"]) != len(x):
-                raise RuntimeError("internal: pre-encoded top-k fields missing or of the wrong length")
-            return fields
-
-    return _PreEncodedTopK(k=k, num_classes=num_classes, mode=mode)
-
-
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the image header (no decoding)."""
     from PIL import Image, UnidentifiedImageError
@@ -571,6 +549,7 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
     from torch.utils.data import DataLoader
 
     from ..progress import bar
+    from .codecs import TopKCodec
     from .store import TargetStore
     from .writer import StoreWriter, finalize
 
@@ -591,7 +570,7 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
         raise ConfigError("FKD soft labels hold geometry only: the view config must have photometric=False")
     identity = import_identity(root, files, spec, mode, views, ds)
     out = Path(out)
-    codec = _pre_encoded_topk(spec.k, C, mode)
+    codec = TopKCodec(k=spec.k, num_classes=C, mode=mode)
     kw = dict(num_images=len(ds), views_per_image=spec.R, param_dim=VIEW_PARAM_DIM, target_dim=C, codec=codec,
               shard_size=shard_size)
     if (out / L.MANIFEST).exists() and not overwrite:
@@ -612,18 +591,15 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
                         num_workers=workers, collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None)
     pbar = bar(len(missing), "import-fkd", "img", enabled=show_progress)
     written = clamped = 0
-    zeros = np.zeros((1, 1, 1), dtype=np.float32)
     for idx, params, fi, fv, n_clamped, err in loader:
         if err is not None:
             pbar.close()
             writer.close()
             raise DataError(err)
-        B = len(idx)
-        codec.pending = {"idx": fi.reshape(B * spec.R, spec.k), "val": fv.reshape(B * spec.R, spec.k)}
-        writer.write(np.asarray(idx), params, np.broadcast_to(zeros, (B, spec.R, C)))
-        written += B
+        writer.write_encoded(np.asarray(idx), params, {"idx": fi, "val": fv})  # FKD's own top-k, order and values
+        written += len(idx)
         clamped += n_clamped
-        pbar.update(B)
+        pbar.update(len(idx))
     pbar.close()
     writer.complete_owned()
     writer.close()

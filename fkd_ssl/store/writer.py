@@ -6,6 +6,7 @@ Usage (one process)::
                                      param_dim=P, target_dim=D, codec=codec, shard_size=4096)
     for batch in chunks(w.missing_images()):          # only what is not done yet
         w.write(batch, params, targets)               # (B,R,P) float32, (B,R,D) float32
+                                                      # (or w.write_encoded(batch, params, fields))
     w.complete_owned()                                # checksums of every owned shard
     finalize(path)                                    # manifest.json, atomically
 
@@ -272,34 +273,58 @@ class StoreWriter:
         """Store the views of images ``indices`` (int, (B,), distinct, in owned shards).
 
         ``params``: float32 (B, R, P), returned bit-exactly by the reader.
-        ``targets``: float (B, R, D), encoded by the store's codec.
-        Records are written (and flushed) before the images' done flags are set.
+        ``targets``: float (B, R, D), encoded by the store's codec (then :meth:`write_encoded`).
         """
+        idx = self._check_views(indices, params)
+        B, R, D = len(idx), self.views_per_image, self.target_dim
+        targets = np.asarray(targets, dtype=np.float32)
+        if targets.shape != (B, R, D):
+            raise ValueError(f"targets shape {targets.shape}, expected {(B, R, D)}")
+        if not np.isfinite(targets).all():
+            raise DataError(f"targets for images {idx[:4].tolist()}... hold NaN or inf (teacher output)")
+        enc = self.codec.encode(targets.reshape(B * R, D))
+        self._commit(idx, params, {name: a.reshape((B, R) + a.shape[1:]) for name, a in enc.items()})
+
+    def write_encoded(self, indices: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        """:meth:`write` for targets already encoded: ``fields`` holds every codec field as an
+        array (B, R, *shape) of its dtype (``codec.fields(target_dim)``), stored as given."""
+        idx = self._check_views(indices, params)
+        B, R = len(idx), self.views_per_image
+        want = {n: (self.dtype.fields[n][0].base, (B, R) + self.dtype.fields[n][0].shape)
+                for n in self.dtype.names if n != L.PARAMS_FIELD}
+        if set(fields) != set(want):
+            raise ValueError(f"encoded fields {sorted(fields)}, the codec {self.codec.name} has {sorted(want)}")
+        for n, (dt, shape) in want.items():
+            a = fields[n]
+            if np.asarray(a).dtype != dt or np.shape(a) != shape:
+                raise ValueError(f"encoded field {n} is {np.asarray(a).dtype} {np.shape(a)}, expected {dt} {shape}")
+        self._commit(idx, params, fields)
+
+    def _check_views(self, indices: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """The image indices (int64 (B,)) after checking them and ``params`` (B, R, P)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        B, R, P, D = len(idx), self.views_per_image, self.param_dim, self.target_dim
+        B, R, P = len(idx), self.views_per_image, self.param_dim
         params = np.asarray(params)
         if params.dtype != np.float32:
             raise ValueError(f"params must be float32 (stored bit-exactly), got {params.dtype}")
-        targets = np.asarray(targets, dtype=np.float32)
         if params.shape != (B, R, P):
             raise ValueError(f"params shape {params.shape}, expected {(B, R, P)}")
-        if targets.shape != (B, R, D):
-            raise ValueError(f"targets shape {targets.shape}, expected {(B, R, D)}")
-        if B == 0:
-            return
-        if idx.min() < 0 or idx.max() >= self.num_images:
+        if B and (idx.min() < 0 or idx.max() >= self.num_images):
             raise IndexError(f"image index out of range 0..{self.num_images - 1}")
         if len(np.unique(idx)) != B:
             raise ValueError("write() got the same image index twice")
         if not np.isfinite(params).all():
             raise DataError(f"params for images {idx[:4].tolist()}... hold NaN or inf")
-        if not np.isfinite(targets).all():
-            raise DataError(f"targets for images {idx[:4].tolist()}... hold NaN or inf (teacher output)")
-        enc = self.codec.encode(targets.reshape(B * R, D))
-        batch = np.empty((B, R), dtype=self.dtype)
+        return idx
+
+    def _commit(self, idx: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        """Write the records, flush them, then set the images' done flags."""
+        if not len(idx):
+            return
+        batch = np.empty((len(idx), self.views_per_image), dtype=self.dtype)
         batch[L.PARAMS_FIELD] = params
-        for name, arr in enc.items():
-            batch[name] = arr.reshape((B, R) + arr.shape[1:])
+        for name, arr in fields.items():
+            batch[name] = arr
         shard_ids = idx // self.shard_size
         for s in np.unique(shard_ids):
             s = int(s)
