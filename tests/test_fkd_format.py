@@ -1,4 +1,4 @@
-"""Published FKD soft labels (fkd_ssl.store.fkd_format, ``python -m fkd_ssl.store import-fkd / export-fkd``).
+"""Published FKD soft labels (fkd_ssl.interop.fkd_layout, ``python -m fkd_ssl.store import-fkd / export-fkd``).
 
 Every fixture is made here: a few tiny PNG images in an image-folder tree, and an FKD soft-label
 folder written the way the reference generator writes one (``torch.save`` of
@@ -25,8 +25,8 @@ from fkd_ssl.cli import run_main
 from fkd_ssl.data import build_dataset, pil_to_uint8_tensor
 from fkd_ssl.errors import ConfigError, DataError
 from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec
-from fkd_ssl.store.__main__ import main as store_main
-from fkd_ssl.store.fkd_format import (EXPORT_MARKER, export_fkd, import_fkd, label_relpath, label_relpaths,
+from fkd_ssl.commands.store import main as store_main
+from fkd_ssl.interop.fkd_layout import (EXPORT_MARKER, export_fkd, import_fkd, label_relpath, label_relpaths,
                                       load_label_file)
 from fkd_ssl.views import VIEW_PARAM_DIM, ViewConfig, crop_pixels, render_view
 
@@ -74,7 +74,7 @@ def _fkd_folder(root: Path, data: Path, fp16: bool = False, seed: int = 0) -> Pa
 def _read(path: Path) -> list:
     """A label file as the reference reader gets it (``torch.load``), here with ``weights_only=True``
     and numpy's array types allowed; nothing in this suite unpickles otherwise."""
-    from fkd_ssl.store.fkd_format import numpy_safe_globals
+    from fkd_ssl.interop.fkd_layout import numpy_safe_globals
 
     with torch.serialization.safe_globals(numpy_safe_globals()):
         return torch.load(path, weights_only=True)
@@ -199,7 +199,7 @@ def test_interrupted_import_resumes_to_the_same_bytes(tmp_path, data):
     ref, out = tmp_path / "ref", tmp_path / "store"
     assert _import(fkd, data, ref, "--shard-size", "2") == 0
     # a run that died after the first write: only the first shard's images are done
-    from fkd_ssl.store import fkd_format as F
+    from fkd_ssl.interop import fkd_layout as F
 
     calls = {"n": 0}
     real = StoreWriter.write_encoded

@@ -60,6 +60,16 @@ def _single_thread_blas():
     return threadpool_limits(1, user_api="blas")
 
 
+def f16_toward_zero(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16, never above ``x`` for ``x >= 0`` (rounded toward zero): how ``topk``
+    stores its values.  Values that float16 holds exactly are unchanged."""
+    x = np.asarray(x, dtype=np.float32)
+    half = x.astype(np.float16)
+    up = half.astype(np.float32) > x
+    half[up] = np.nextafter(half[up], np.float16(0))
+    return half
+
+
 def _as_batch(x: np.ndarray, dim: int | None) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
@@ -418,11 +428,8 @@ class TopKCodec(Codec):
             idx = np.take_along_axis(cand, order, axis=1)
         else:
             idx = np.lexsort((np.broadcast_to(np.arange(C), x.shape), -x), axis=1)
-        val = np.take_along_axis(x, idx, axis=1)
-        half = val.astype(np.float16)
-        up = half.astype(np.float32) > val  # round toward zero, so the decoded top-k never hold
-        half[up] = np.nextafter(half[up], np.float16(0))  # more mass than the teacher gave them
-        return {"idx": idx.astype(np.uint16), "val": half}
+        # rounded toward zero, so the decoded top-k never hold more mass than the teacher gave them
+        return {"idx": idx.astype(np.uint16), "val": f16_toward_zero(np.take_along_axis(x, idx, axis=1))}
 
     def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         idx = np.asarray(arrays["idx"]).astype(np.intp)
