@@ -18,8 +18,9 @@ from fkd_ssl.checkpoint import save_model
 from fkd_ssl.data import ImageFolderDataset, pil_to_uint8_tensor
 from fkd_ssl.errors import ConfigError, DataError
 from fkd_ssl.models import Encoder, ModelSpec
-from fkd_ssl.relabel import (LabelMaps, RelabelViews, box_rois, dense_from_topk, dense_scores, finalize_label_maps,
-                             prepare_label_maps, relabel_targets, write_label_maps)
+from fkd_ssl.relabel import (LabelMaps, RelabelViews, box_rois, dense_from_topk, dense_scores, open_label_map_writer,
+                             relabel_targets, write_label_maps)
+from fkd_ssl.store import TargetStore, finalize
 from fkd_ssl.replay import FRESH_SLOT_BASE, FreshViews, ReplayDataset
 from fkd_ssl.views import ViewConfig, normalize
 
@@ -209,13 +210,14 @@ def test_stored_maps_are_the_teachers_topk(maps_path, teacher, dataset):
     assert (maps.num_images, maps.num_classes, maps.k, maps.height, maps.width) == (10, C, 3, 4, 4)
     m = maps.manifest
     assert m["identity"]["dataset"]["fingerprint"] == dataset.fingerprint()
-    assert m["identity"]["teacher"]["arch"] == "test_resnet" and len(m["files"]["maps.npy"]["sha256"]) == 64
+    assert m["identity"]["teacher"]["arch"] == "test_resnet" and len(m["shards"][0]["files"]["shard-00000.records.npy"]["sha256"]) == 64
+    assert m["views_per_image"] == 1 and m["param_dim"] == 0 and m["codec"]["name"] == "fields"
     assert maps.nbytes() >= 10 * 4 * 4 * 3 * 4
     for i in (0, 7):
         img = TF.resize(pil_to_uint8_tensor(dataset.load(i)), [S, S], interpolation=InterpolationMode.BILINEAR,
                         antialias=True)
         vals, idx = dense_scores(teacher, normalize(img[None], teacher.spec.mean, teacher.spec.std))[0].topk(3, dim=0)
-        v, ix = maps.read(i)
+        v, ix = maps.topk(i)
         np.testing.assert_array_equal(ix, idx.permute(1, 2, 0).numpy())
         np.testing.assert_allclose(v, vals.permute(1, 2, 0).numpy(), rtol=1e-3, atol=1e-3)
         assert (np.diff(v, axis=-1) <= 0).all()  # descending
@@ -240,7 +242,7 @@ class _Crashing:
 
 
 def _files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file() and p.name != "log.jsonl"}
 
 
 def test_interrupted_write_resumes_to_identical_files(tmp_path, maps_path, teacher, dataset):
@@ -248,11 +250,11 @@ def test_interrupted_write_resumes_to_identical_files(tmp_path, maps_path, teach
     with pytest.raises(RuntimeError, match="killed"):
         write_label_maps(teacher, _Crashing(dataset, 7), out, k=3, batch_size=3, show_progress=False, provenance={})
     assert not (out / "manifest.json").exists()
-    done = np.load(out / "done.npy")
+    done = np.load(out / "shard-00000.done.npy")
     assert done[:6].all() and not done[6:].any()  # two whole groups of 3 were committed
     with pytest.raises(DataError, match="not finished"):
         LabelMaps.open(out)
-    rec = np.load(out / "maps.npy", mmap_mode="r+")  # garbage where nothing was committed
+    rec = np.load(out / "shard-00000.records.npy", mmap_mode="r+")  # garbage where nothing was committed
     raw = rec.view(np.uint8).reshape(len(rec), -1)
     raw[6:] = np.random.default_rng(0).integers(0, 256, raw[6:].shape, dtype=np.uint8)
     rec.flush()
@@ -264,20 +266,44 @@ def test_interrupted_write_resumes_to_identical_files(tmp_path, maps_path, teach
     assert again.images == 0 and _files(out) == _files(maps_path)
 
 
-def test_several_writers_give_the_same_files(tmp_path, maps_path, teacher, dataset):
-    """torchrun's protocol, one rank after the other: rank 0 prepares, each rank writes its
-    groups, rank 0 finalizes."""
-    out = tmp_path / "m"
-    kw = dict(k=3, batch_size=3, show_progress=False, provenance={}, world_size=2)
-    with pytest.raises(ConfigError, match="not prepared"):
-        write_label_maps(teacher, dataset, out, rank=1, **kw)
-    prepare_label_maps(teacher, dataset, out, k=3, provenance={})
-    assert write_label_maps(teacher, dataset, out, rank=1, **kw).images == 4  # groups 1 and 3: images 3-5, 9
-    with pytest.raises(DataError, match="still missing"):
-        finalize_label_maps(out)
-    assert write_label_maps(teacher, dataset, out, rank=0, **kw).images == 6
-    finalize_label_maps(out)
-    assert _files(out) == _files(maps_path)
+def test_several_writers_give_the_same_files(tmp_path, teacher, dataset):
+    """torchrun's protocol, one rank after the other: rank 0 creates the store, each rank writes
+    its shards, rank 0 finalizes; the same files as one process writes."""
+    ref, out = tmp_path / "ref", tmp_path / "m"
+    kw = dict(k=3, batch_size=4, show_progress=False, provenance={}, shard_size=3)
+    write_label_maps(teacher, dataset, ref, **kw)
+    open_label_map_writer(teacher, dataset, out, k=3, shard_size=3, shards=[], provenance={})
+    assert write_label_maps(teacher, dataset, out, rank=1, world_size=2, **kw).images == 4  # shards 1, 3: 3-5, 9
+    with pytest.raises(DataError, match="shards have no checksum file"):
+        finalize(out)
+    assert write_label_maps(teacher, dataset, out, rank=0, world_size=2, **kw).images == 6
+    finalize(out)
+    assert _files(out) == _files(ref)
+    assert LabelMaps.open(out, verify=True).topk_batch([0, 9])[0].shape == (2, 4, 4, 3)
+
+
+def test_old_label_map_folders_are_refused(tmp_path, teacher, dataset, maps_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "maps.npy").write_bytes(b"")
+    for call in (lambda: LabelMaps.open(old), lambda: write_label_maps(teacher, dataset, old, show_progress=False)):
+        with pytest.raises(DataError, match="old format.*regenerate them with experiments/gen_label_map.py"):
+            call()
+    with pytest.raises(DataError, match="not label maps"):  # a target store is not a label map
+        LabelMaps.open(_a_target_store(tmp_path / "store"))
+    with pytest.raises(ConfigError, match="raw fields"):  # and label maps are not per-view targets
+        TargetStore.open(maps_path).targets([0], [0])
+
+
+def _a_target_store(path: Path) -> Path:
+    from fkd_ssl.store import StoreWriter, make_codec
+
+    w = StoreWriter.create_or_resume(path, {"teacher": {}}, num_images=1, views_per_image=1, param_dim=1,
+                                     target_dim=2, codec=make_codec("fp32"))
+    w.write([0], np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
+    w.complete_owned()
+    finalize(path)
+    return path
 
 
 def test_unreadable_images_are_skipped(tmp_path, teacher):
@@ -292,9 +318,9 @@ def test_unreadable_images_are_skipped(tmp_path, teacher):
     maps = LabelMaps.open(tmp_path / "m", verify=True, dataset=ds)
     assert maps.skipped == {1} and maps.manifest["skipped"][0]["path"].endswith("1.png")
     np.testing.assert_array_equal(maps.valid_indices(), [0, 2])
-    with pytest.raises(DataError, match="no label map"):
-        maps.read(1)
-    assert maps.read(2)[0].shape == (4, 4, 2) and maps.teacher["arch"] == "test_resnet"
+    with pytest.raises(DataError, match="image 1 was skipped"):
+        maps.topk(1)
+    assert maps.topk(2)[0].shape == (4, 4, 2) and maps.teacher["arch"] == "test_resnet"
 
 
 def test_refuses_another_teacher_dataset_or_k(tmp_path, maps_path, teacher, dataset, image_root):
@@ -341,13 +367,13 @@ def test_relabel_views_in_replay_dataset(maps_path, dataset):
     img = dataset.load(5)
     fresh_slots, params, _ = FreshViews(cfg, 4, 3).take(5, 2, img.height, img.width)
     np.testing.assert_array_equal(fresh_slots, slots.numpy())  # the same views as the online baseline
-    v, ix = maps.read(5)
+    v, ix = maps.topk(5)
     expect = relabel_targets(v, ix, params[:, :4], C)
     torch.testing.assert_close(targets, expect)
     assert not torch.allclose(targets[0], targets[1])  # crops of one image get different labels
     # batches through a DataLoader, and a copy the way a spawned worker gets one
     clone = copy.deepcopy(ReplayDataset(dataset, source, cfg, student_size=32))
-    assert clone.source.maps._mm is None
+    assert clone.source.maps._maps == {}
     loader = torch.utils.data.DataLoader(clone, batch_size=2, sampler=[(0, 0), (1, 0), (2, 1)])
     batch = next(iter(loader))
     assert batch[1].shape == (2, 4, C)
@@ -356,17 +382,6 @@ def test_relabel_views_in_replay_dataset(maps_path, dataset):
 
 
 # ----------------------------------------------------------------------------- the script
-
-
-def _script_main():
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("gen_label_map", ROOT / "experiments" / "gen_label_map.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
 
 
 def test_script_writes_resumes_and_reports_bad_input(tmp_path, image_root, teacher, capsys):
@@ -381,7 +396,8 @@ def test_script_writes_resumes_and_reports_bad_input(tmp_path, image_root, teach
     assert "label maps: " in res.stdout and "map 4x4 from 64 px" in res.stdout and "this run 10 images" in res.stdout
     maps = LabelMaps.open(out, verify=True)
     assert maps.k == 2 and json.loads((out / "manifest.json").read_text())["provenance"]["teacher_file"]
-    main = _script_main()  # the same main in this process (no second interpreter start-up)
+    from fkd_ssl.commands.gen_label_map import main  # the same command in this process
+
     with pytest.raises(SystemExit) as e:
         run_main(main, common)
     assert e.value.code == 0 and "this run 0 images" in capsys.readouterr().out

@@ -9,12 +9,12 @@ running the teacher.  Format: ``docs/store.md``; layout: :mod:`fkd_ssl.store.lay
 * :class:`TargetStore` reads one; ``python -m fkd_ssl.store verify PATH`` checks one.
 """
 
-from .codecs import CODECS, Codec, Fp16Codec, Fp32Codec, Int8Codec, PQCodec, TopKCodec, make_codec
+from .codecs import CODECS, Codec, FieldsCodec, Fp16Codec, Fp32Codec, Int8Codec, PQCodec, TopKCodec, make_codec
 from .layout import FORMAT, VERSION
 from .store import TargetStore
 from .writer import StoreWriter, finalize, owned_shards
 
 __all__ = [
-    "CODECS", "Codec", "Fp16Codec", "Fp32Codec", "Int8Codec", "PQCodec", "TopKCodec", "make_codec",
+    "CODECS", "Codec", "FieldsCodec", "Fp16Codec", "Fp32Codec", "Int8Codec", "PQCodec", "TopKCodec", "make_codec",
     "FORMAT", "VERSION", "TargetStore", "StoreWriter", "finalize", "owned_shards",
 ]

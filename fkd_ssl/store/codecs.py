@@ -18,6 +18,7 @@ name        fields per view                          bytes per view       stated
 ``int8``    ``q`` int8 (D,), ``scale`` float32 ()    D + 4                mean cosine > 0.9999
 ``pq``      ``codes`` uint8 (M,)                     M                    see docs/store.md
 ``topk``    ``idx`` uint16 (k,), ``val`` float16 (k,) 4 k                 see docs/store.md
+``fields``  given by the caller (already encoded)    their sum            (stored as given)
 ==========  =======================================  ===================  ====================
 
 ``pq`` is trained (:meth:`PQCodec.fit`) on a sample of teacher outputs before the store is
@@ -446,7 +447,36 @@ class TopKCodec(Codec):
         return out
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (Fp32Codec, Fp16Codec, Int8Codec, PQCodec, TopKCodec)}
+class FieldsCodec(Codec):
+    """Records of fields the caller encodes itself (e.g. ReLabel's label maps): ``fields`` is a
+    list of ``[name, dtype, shape]``.  Written with :meth:`StoreWriter.write_encoded` and read
+    with :meth:`TargetStore.records`; there is no float target to encode or decode."""
+
+    name = "fields"
+
+    def __init__(self, fields: list):
+        try:
+            self.spec: FieldSpec = {str(n): (np.dtype(dt).str, tuple(int(d) for d in shape)) for n, dt, shape in fields}
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"codec fields: fields must be [name, dtype, shape] triples, got {fields!r} ({e})") from None
+        if not self.spec:
+            raise ConfigError("codec fields: needs at least one field")
+
+    @property
+    def config(self) -> dict:
+        return {"fields": [[n, dt, list(shape)] for n, (dt, shape) in self.spec.items()]}
+
+    def fields(self, dim: int) -> FieldSpec:
+        return dict(self.spec)
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        raise ConfigError("codec fields: a store of raw fields is written with write_encoded(), not write()")
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        raise ConfigError("codec fields: this store holds raw fields (e.g. label maps), not targets; read its records()")
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Fp32Codec, Fp16Codec, Int8Codec, PQCodec, TopKCodec, FieldsCodec)}
 
 
 def make_codec(name: str, **config) -> Codec:

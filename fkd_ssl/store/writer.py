@@ -124,7 +124,7 @@ class StoreWriter:
         """
         path = Path(path)
         for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
-                            ("param_dim", param_dim, 1), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
+                            ("param_dim", param_dim, 0), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
             if not isinstance(v, (int, np.integer)) or v < lo:
                 raise ConfigError(f"store {name} must be an int >= {lo}, got {v!r}")
         codec.check_dim(int(target_dim))
