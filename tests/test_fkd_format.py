@@ -140,11 +140,11 @@ def test_import_replays_the_crops_and_labels_fkd_takes(tmp_path, data, fp16):
     assert shape == (len(IMAGES), R, C, VIEW_PARAM_DIM)
     assert store.codec.name == "topk" and store.codec.config == {"k": K, "num_classes": C, "mode": "smooth"}
     ident = store.identity
-    assert ident["dataset"]["fingerprint"] == ds.fingerprint()
-    assert ident["teacher"]["imported_from"] == "fkd" and ident["teacher"]["source"] == str(fkd.resolve())
-    assert ident["teacher"]["label_type"] == f"marginal_smoothing_k{K}"
-    assert ident["teacher"]["file_dtype"] == ("float16" if fp16 else "float32")
-    cfg = ViewConfig.from_dict(ident["views"])
+    assert ident.dataset["fingerprint"] == ds.fingerprint() and ident.extra == {"geometry": "fkd-pil-box"}
+    assert ident.teacher["imported_from"] == "fkd" and ident.teacher["source"] == str(fkd.resolve())
+    assert ident.teacher["label_type"] == f"marginal_smoothing_k{K}"
+    assert ident.teacher["file_dtype"] == ("float16" if fp16 else "float32")
+    cfg = ViewConfig.from_dict(ident.views)
     assert not cfg.photometric and cfg.interpolation == "bicubic"
 
     half_pixel_cases = 0

@@ -343,8 +343,8 @@ def test_refuses_another_teacher_dataset_or_k(tmp_path, maps_path, teacher, data
     with pytest.raises(ConfigError, match="more than the teacher's 5 classes"):
         write_label_maps(teacher, dataset, tmp_path / "k9", k=9, show_progress=False)
     write_label_maps(other_teacher, dataset, out, k=3, overwrite=True, show_progress=False, provenance={})
-    assert LabelMaps.open(out, verify=True).identity["teacher"]["weights"] != \
-        LabelMaps.open(maps_path).identity["teacher"]["weights"]
+    assert LabelMaps.open(out, verify=True).identity.teacher["weights"] != \
+        LabelMaps.open(maps_path).identity.teacher["weights"]
     # another batch size resumes the same maps (finished: nothing to do)
     assert write_label_maps(other_teacher, dataset, out, k=3, batch_size=1, show_progress=False).images == 0
 

@@ -6,6 +6,7 @@ writer used by the SIGKILL and two-rank tests.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from fkd_ssl.errors import ConfigError, DataError
-from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec, owned_shards
+from fkd_ssl.store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from fkd_ssl.store import layout as L
 
 N, R, P, C = 40, 6, 5, 50  # images, views per image, geometry floats, classes
@@ -243,6 +244,7 @@ def test_write_read_random_access_is_exact(tmp_path):
     s = TargetStore.open(tmp_path / "s", verify=True)
     assert (s.num_images, s.views_per_image, s.param_dim, s.target_dim) == (N, R, P, C)
     assert s.manifest["identity"] == IDENTITY and s.manifest["provenance"] == PROVENANCE
+    assert s.identity == IDENTITY and s.identity.teacher == "toy" and s.identity.extra["sampler"]["flip"] == 0.5
     rng = np.random.default_rng(4)
     valid = s.valid_indices()
     i = rng.choice(valid, 200)
@@ -480,6 +482,17 @@ def test_trained_codec_resumes_from_stored_codebooks(tmp_path, pq_codec):
     _, t = views(np.arange(N), dim=64, kind="features")
     i, r = s.valid_indices(), np.zeros(N - 1, np.int64)
     np.testing.assert_allclose(s.targets(i, r), fitted.decode(fitted.encode(t[i, r])))
+
+
+def test_store_identity_is_a_dataclass_and_its_dict():
+    ident = StoreIdentity(teacher={"hash": "ab"}, views={"scale": (0.2, 1.0)}, seed=0, group=8,
+                          dataset={"fingerprint": "f"}, extra={"geometry": "g"})
+    d = ident.to_dict()
+    assert d == {"teacher": {"hash": "ab"}, "views": {"scale": (0.2, 1.0)}, "seed": 0, "group": 8,
+                 "dataset": {"fingerprint": "f"}, "geometry": "g"} and ident == d
+    assert StoreIdentity.from_dict(d).to_dict() == d and "seed" not in StoreIdentity(teacher="t").to_dict()
+    assert StoreIdentity.of(ident).views == {"scale": [0.2, 1.0]}  # as it reads back from JSON
+    assert json.loads(json.dumps(ident)) == StoreIdentity.of(ident)
 
 
 def test_writer_input_checks(tmp_path):

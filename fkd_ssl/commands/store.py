@@ -94,7 +94,7 @@ def _export(args: argparse.Namespace) -> int:
     from ..interop.fkd_layout import export_fkd
 
     store = TargetStore.open(args.store)
-    split = args.split or (store.identity.get("dataset") or {}).get("split") or "train"
+    split = args.split or (store.identity.dataset or {}).get("split") or "train"
     out = cli.prepare_out_dir(args.out or cli.default_run_dir("fkd-labels", args.data, Path(args.store).resolve().name))
     ds = build_dataset(args.data, split, args.data_root)
     _config(args, split=split, out=str(out))

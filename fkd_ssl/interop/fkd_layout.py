@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_path, write_json_atomic
-from ..store import StoreWriter, TargetStore, TopKCodec, finalize
+from ..store import StoreIdentity, StoreWriter, TargetStore, TopKCodec, finalize
 from ..store import layout as L
 from ..store.codecs import f16_toward_zero
 from ..views import PARAM_FIELDS, VIEW_PARAM_DIM, ViewConfig
@@ -369,19 +369,17 @@ def image_folder_dataset(dataset, flag: str = "--data"):
 
 
 def import_identity(root: Path, files: dict[str, int], spec: _ImportSpec, mode: str, views: ViewConfig,
-                    dataset) -> dict:
+                    dataset) -> StoreIdentity:
     """The identity of a store imported from FKD folder ``root`` (what a rerun must match);
     ``source_fingerprint`` digests the label files' names and sizes."""
     fp = hashlib.sha256("".join(f"{name}\t{size}\n" for name, size in files.items()).encode()).hexdigest()[:16]
-    return {
-        "teacher": {"imported_from": "fkd", "source": str(root.resolve()), "source_fingerprint": fp,
-                    "hash": f"fkd:{fp}", "arch": None, "method": "fkd-import", "target": "probs", "temp": None,
-                    "dim": spec.num_classes, "label_type": label_type_name(spec.layout, spec.k, mode),
-                    "file_dtype": spec.dtype},
-        "views": views.to_dict(),
-        "geometry": "fkd-pil-box",
-        "dataset": {"fingerprint": dataset.fingerprint(), "split": dataset.split, "num_classes": dataset.num_classes},
-    }
+    return StoreIdentity(
+        teacher={"imported_from": "fkd", "source": str(root.resolve()), "source_fingerprint": fp,
+                 "hash": f"fkd:{fp}", "arch": None, "method": "fkd-import", "target": "probs", "temp": None,
+                 "dim": spec.num_classes, "label_type": label_type_name(spec.layout, spec.k, mode),
+                 "file_dtype": spec.dtype},
+        views=views.to_dict(), extra={"geometry": "fkd-pil-box"},
+        dataset={"fingerprint": dataset.fingerprint(), "split": dataset.split, "num_classes": dataset.num_classes})
 
 
 def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, num_classes: int | None = None,
@@ -416,13 +414,13 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
         raise ConfigError("FKD soft labels hold geometry only: the view config must have photometric=False")
     identity = import_identity(root, files, spec, mode, views, ds)
     out = Path(out)
-    result = ImportResult(out, len(ds), spec.R, spec.k, C, identity["teacher"]["label_type"], 0, 0, True)
+    result = ImportResult(out, len(ds), spec.R, spec.k, C, identity.teacher["label_type"], 0, 0, True)
     if (out / L.MANIFEST).exists() and not overwrite:
         try:
             done = TargetStore.open(out)
         except DataError:
             done = None
-        if done is not None and done.identity == L.normalise(identity, "identity"):
+        if done is not None and done.identity == StoreIdentity.of(identity):
             log(f"store {out} is already complete ({done.num_images} images x {done.views_per_image} views)")
             return result
     writer = StoreWriter.create_or_resume(out, identity, num_images=len(ds), views_per_image=spec.R,
@@ -507,7 +505,7 @@ def _export_k(store, k: int | None, fp16: bool) -> int:
     """The k to export (default: a ``topk`` store's k, else 5); ConfigError for a store that is
     not of class probabilities and crop + flip views, or a k / dtype it cannot give."""
     store_k = int(store.codec.k) if store.codec.name == "topk" else None
-    target = (store.identity.get("teacher") or {}).get("target")
+    target = (store.identity.teacher or {}).get("target")
     if store_k is None and target != "probs":
         raise ConfigError(f"store {store.path} holds {target or 'unknown'} targets; FKD soft labels are class "
                           f"probabilities (a store of --target probs)")
@@ -522,7 +520,7 @@ def _export_k(store, k: int | None, fp16: bool) -> int:
                           f"the store has {store.target_dim}")
     if store.param_dim <= _FLIP:
         raise ConfigError(f"store {store.path} has {store.param_dim} view parameters; FKD needs a crop box and a flip")
-    if (store.identity.get("views") or {}).get("photometric"):
+    if (store.identity.views or {}).get("photometric"):
         raise ConfigError(f"store {store.path} was made with photometric views (colour jitter, grayscale, blur); "
                           f"FKD soft labels hold only a crop and a flip")
     return k
@@ -590,7 +588,7 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     store = TargetStore.open(store_path)
     ds = image_folder_dataset(dataset)
     k = _export_k(store, k, fp16)
-    ds_id = store.identity.get("dataset") or {}
+    ds_id = store.identity.dataset or {}
     if ds_id.get("fingerprint") != ds.fingerprint() or store.num_images != len(ds):
         raise ConfigError(f"store {store.path} holds targets for another dataset (fingerprint "
                           f"{ds_id.get('fingerprint')}, {store.num_images} images) than --data {ds.name} "

@@ -25,7 +25,7 @@ from ..data.image_io import load_uint8
 from ..errors import ConfigError, DataError
 from ..models import Encoder
 from ..replay import FreshViews
-from ..store import FieldsCodec, StoreWriter, TargetStore, finalize, owned_shards
+from ..store import FieldsCodec, StoreIdentity, StoreWriter, TargetStore, finalize, owned_shards
 from ..store import layout as L
 from ..views import PARAM_FIELDS, ViewConfig, normalize
 from .targets import ArrayLike, classifier_weights, dense_from_topk, dense_scores, relabel_targets
@@ -53,7 +53,7 @@ def teacher_identity(model: Encoder) -> dict:
 
 
 def label_map_spec(model: Encoder, dataset, k: int, input_size: int | None,
-                   device: torch.device) -> tuple[dict, FieldsCodec]:
+                   device: torch.device) -> tuple[StoreIdentity, FieldsCodec]:
     """The store identity and codec of label maps for these settings; checks them and probes the
     teacher once for the map size (and a usable head)."""
     if k < 1:
@@ -72,13 +72,10 @@ def label_map_spec(model: Encoder, dataset, k: int, input_size: int | None,
         _, _, h, w = dense_scores(model.eval(), probe).shape  # the map size; also checks the head
     except RuntimeError as e:
         raise ConfigError(f"--input-size {S}: teacher {model.spec.arch} cannot run at this size ({e})") from e
-    identity = {
-        "teacher": teacher_identity(model),
-        "dataset": {"fingerprint": dataset.fingerprint(), "split": getattr(dataset, "split", None),
-                    "num_images": len(dataset)},
-        "maps": {"input_size": S, "interpolation": model.spec.interpolation, "k": int(k), "num_classes": C,
-                 "height": int(h), "width": int(w), "values": "float16 scores (logits)", "indices": "int16"},
-    }
+    maps = {"input_size": S, "interpolation": model.spec.interpolation, "k": int(k), "num_classes": C,
+            "height": int(h), "width": int(w), "values": "float16 scores (logits)", "indices": "int16"}
+    identity = StoreIdentity(teacher=teacher_identity(model), extra={"maps": maps}, dataset={
+        "fingerprint": dataset.fingerprint(), "split": getattr(dataset, "split", None), "num_images": len(dataset)})
     return identity, FieldsCodec([["indices", "<i2", [h, w, k]], ["values", "<f2", [h, w, k]]])
 
 
@@ -167,7 +164,7 @@ def fill_label_maps(model: Encoder, dataset, writer: StoreWriter, *, batch_size:
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     device, t0 = torch.device(device), time.time()
-    spec = writer.header["identity"]["maps"]
+    spec = writer.identity.extra["maps"]
     missing = writer.missing_images()
     todo = np.zeros(writer.num_images, dtype=bool)
     todo[missing] = True
@@ -237,7 +234,7 @@ class LabelMaps(TargetStore):
         checksums); ``dataset``: :meth:`check_dataset` against it."""
         _refuse_old_format(Path(path))
         maps = super().open(path, verify=verify)
-        if maps.codec.name != "fields" or "maps" not in maps.identity:
+        if maps.codec.name != "fields" or "maps" not in maps.identity.extra:
             raise DataError(f"{path} is a target store, not label maps (those are made by experiments/gen_label_map.py)")
         if dataset is not None:
             maps.check_dataset(dataset)
@@ -250,11 +247,11 @@ class LabelMaps(TargetStore):
     @property
     def teacher(self) -> dict:
         """The teacher's identity (arch, classes, input size, normalisation, weights digest)."""
-        return self.identity["teacher"]
+        return self.identity.teacher
 
     @property
     def input_size(self) -> int:
-        return int(self.identity["maps"]["input_size"])
+        return int(self.identity.extra["maps"]["input_size"])
 
     @property
     def height(self) -> int:
@@ -270,7 +267,7 @@ class LabelMaps(TargetStore):
 
     def check_dataset(self, dataset, flag: str = "--label-map") -> None:
         """ConfigError naming ``flag`` if the maps were made from another dataset than ``dataset``."""
-        have = self.identity["dataset"]
+        have = self.identity.dataset
         if have.get("fingerprint") != dataset.fingerprint() or self.num_images != len(dataset):
             raise ConfigError(f"{flag} {self.path} holds label maps of another dataset (fingerprint "
                               f"{have.get('fingerprint')}, {self.num_images} images) than {dataset.name} (fingerprint "

@@ -10,11 +10,12 @@ running the teacher.  Format: ``docs/store.md``; layout: :mod:`fkd_ssl.store.lay
 """
 
 from .codecs import CODECS, Codec, FieldsCodec, Fp16Codec, Fp32Codec, Int8Codec, PQCodec, TopKCodec, make_codec
+from .identity import StoreIdentity
 from .layout import FORMAT, VERSION
 from .store import TargetStore
 from .writer import StoreWriter, finalize, owned_shards
 
 __all__ = [
     "CODECS", "Codec", "FieldsCodec", "Fp16Codec", "Fp32Codec", "Int8Codec", "PQCodec", "TopKCodec", "make_codec",
-    "FORMAT", "VERSION", "TargetStore", "StoreWriter", "finalize", "owned_shards",
+    "FORMAT", "VERSION", "StoreIdentity", "TargetStore", "StoreWriter", "finalize", "owned_shards",
 ]

@@ -20,13 +20,15 @@ from ..errors import ConfigError, DataError
 from . import layout as L
 from .codec_files import load_codec, referenced_files
 from .codecs import Codec
+from .identity import StoreIdentity
 
 
 class TargetStore:
     """A finished store opened for reading.  Create with :meth:`open`.
 
     Attributes: ``manifest`` (dict), ``num_images`` N, ``views_per_image`` R, ``param_dim`` P,
-    ``target_dim`` D, ``codec``, ``skipped`` (frozenset of image indices), ``path``.
+    ``target_dim`` D, ``codec``, ``identity`` (:class:`StoreIdentity`), ``skipped`` (frozenset of
+    image indices), ``path``.
     """
 
     def __init__(self, path: Path, manifest: dict, codec: Codec):
@@ -39,7 +41,7 @@ class TargetStore:
         self.target_dim: int = manifest["target_dim"]
         self.shard_size: int = manifest["shard_size"]
         self.num_shards: int = manifest["num_shards"]
-        self.identity: dict = manifest["identity"]
+        self.identity = StoreIdentity.from_dict(manifest["identity"])
         self.skipped_entries: list[dict] = list(manifest["skipped"])
         self.skipped: frozenset[int] = frozenset(int(e["index"]) for e in self.skipped_entries)
         self._skip_mask = np.zeros(self.num_images, dtype=bool)
@@ -145,7 +147,7 @@ class TargetStore:
         import hashlib
         import json
 
-        blob = json.dumps({"identity": self.identity, "shards": self.manifest["shards"]}, sort_keys=True, default=str)
+        blob = json.dumps({"identity": self.manifest["identity"], "shards": self.manifest["shards"]}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def nbytes(self) -> int:

@@ -38,6 +38,7 @@ from ..errors import ConfigError, DataError
 from . import layout as L
 from .codec_files import load_codec, referenced_files, save_codec_state
 from .codecs import Codec
+from .identity import StoreIdentity
 
 
 def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
@@ -89,6 +90,7 @@ class StoreWriter:
     def __init__(self, path: Path, header: dict, codec: Codec, shards: list[int], sync: bool):
         self.path = path
         self.header = header
+        self.identity = StoreIdentity.from_dict(header["identity"])
         self.codec = codec
         self.num_images: int = header["num_images"]
         self.views_per_image: int = header["views_per_image"]
@@ -105,15 +107,14 @@ class StoreWriter:
     # ------------------------------------------------------------------ creation / resume
 
     @classmethod
-    def create_or_resume(cls, path: str | os.PathLike, identity: dict, *, num_images: int, views_per_image: int,
+    def create_or_resume(cls, path: str | os.PathLike, identity: StoreIdentity | dict, *, num_images: int, views_per_image: int,
                          param_dim: int, target_dim: int, codec: Codec, shard_size: int = 4096,
                          overwrite: bool = False, shards: Iterable[int] | None = None,
                          provenance: dict | None = None, sync: bool = True) -> "StoreWriter":
         """Create the store at ``path`` or resume the one there.
 
-        ``identity``: the caller's JSON dict saying what the targets are (teacher name and
-        checkpoint hash, input size and normalisation, view-sampler parameters, dataset
-        fingerprint, ...).  A store already at ``path`` must have the same identity, sizes and
+        ``identity``: what the targets are (:class:`StoreIdentity`, or its dict: teacher name
+        and checkpoint hash, view-sampler parameters, dataset fingerprint, ...).  A store already at ``path`` must have the same identity, sizes and
         codec, else ConfigError naming the differing keys; with ``overwrite=True`` such a store
         is deleted (store files only) and a new one created.  A trained codec may be passed
         unfitted when resuming: its state is then loaded from the store.  ``shards``: the
@@ -131,7 +132,7 @@ class StoreWriter:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"store path {path} is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
-        identity = L.normalise(identity, "store identity")
+        identity = StoreIdentity.of(identity).to_dict()
         S = L.num_shards(int(num_images), int(shard_size))
         want = {
             "format": L.FORMAT, "version": L.VERSION, "identity": identity,

@@ -1,0 +1,44 @@
+"""What a store's targets are: the identity a store records and a rerun must match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .layout import normalise
+
+
+@dataclass(frozen=True, eq=False)
+class StoreIdentity(dict):
+    """A store's identity: ``teacher`` (its name, checkpoint hash, target kind, ...), ``views``
+    (the view sampler's config), ``seed``, ``group`` (teacher batch grouping), ``dataset``
+    (fingerprint, split, classes) and ``extra``: the other keys a kind of store records (an FKD
+    import's ``geometry``, label maps' ``maps``).  Fields left None are not recorded.
+
+    It is also the dict :meth:`to_dict` returns (read-only by convention), so JSON writers and
+    ``identity["teacher"]`` keep working; compare and serialise it as that dict.
+    """
+
+    teacher: Any = None
+    views: dict | None = None
+    seed: int | None = None
+    group: int | None = None
+    dataset: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        dict.update(self, self.to_dict())
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StoreIdentity":
+        named = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in named}, extra={k: v for k, v in d.items() if k not in named})
+
+    @classmethod
+    def of(cls, identity: "StoreIdentity | dict") -> "StoreIdentity":
+        """``identity`` as it reads back from JSON (tuples -> lists); ConfigError if not JSON-able."""
+        return cls.from_dict(normalise(dict(identity), "store identity"))
