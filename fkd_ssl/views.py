@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from itertools import permutations
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -188,10 +189,18 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float() - m) / s
 
 
+class ViewsBatch(NamedTuple):
+    """An item of :class:`RandomViewsDataset` (a batch once collated: a leading ``B`` on each field)."""
+
+    views: torch.Tensor  # uint8 (n_views, 3, S, S)
+    label: int
+    image: int
+
+
 class RandomViewsDataset(torch.utils.data.Dataset):
     """Fresh random views for online training: key ``(i, epoch)`` -> views of image ``i``.
 
-    Returns ``(uint8 (n_views, 3, S, S), label, i)``; view ``v`` uses slot
+    Returns a :class:`ViewsBatch`; view ``v`` uses slot
     ``epoch * n_views + v``, so every epoch sees new views and the result is a pure function
     of ``(seed, i, epoch)`` — independent of workers, ranks and resumption.
     """
@@ -209,4 +218,4 @@ class RandomViewsDataset(torch.utils.data.Dataset):
         img = pil_to_uint8_tensor(self.base.load(i))
         _, h, w = img.shape
         params = sample_views(self.cfg, self.seed, i, range(epoch * self.n_views, (epoch + 1) * self.n_views), h, w)
-        return render_views(img, params, self.cfg), self.base.targets[i], i
+        return ViewsBatch(render_views(img, params, self.cfg), self.base.targets[i], i)

@@ -11,8 +11,9 @@ from fkd_ssl.data import build_dataset
 from fkd_ssl.dist import DistContext
 from fkd_ssl.engine import OptimConfig, TrainConfig, lr_at, train
 from fkd_ssl.models import Encoder, ModelSpec
-from fkd_ssl.ssl import MoCo, SimSiam, infonce
-from fkd_ssl.views import RandomViewsDataset, ViewConfig
+from fkd_ssl.objectives.moco import infonce
+from fkd_ssl.ssl import MoCo, SimSiam
+from fkd_ssl.views import RandomViewsDataset, ViewConfig, ViewsBatch
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
@@ -47,7 +48,7 @@ def test_a_few_steps_lower_the_loss(method):
     task.train()
     losses = []
     for _ in range(15):
-        loss, metrics = task((views, None, None), 0.5)
+        loss, metrics = task(ViewsBatch(views, None, None), 0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -59,12 +60,13 @@ def test_a_few_steps_lower_the_loss(method):
 
 def test_moco_queue_is_saved_and_restored():
     task = MoCo(_encoder("moco"), queue_size=32)
-    task.queue.bank.normal_()
-    task.queue.bank_ptr.fill_(7)
+    task.objective.queue.bank.normal_()
+    task.objective.queue.bank_ptr.fill_(7)
     state = task.extra_state()
     other = MoCo(_encoder("moco"), queue_size=32)
     other.load_extra_state(state)
-    assert torch.equal(other.queue.bank, task.queue.bank) and int(other.queue.bank_ptr) == 7
+    assert torch.equal(other.objective.queue.bank, task.objective.queue.bank)
+    assert int(other.objective.queue.bank_ptr) == 7
 
 
 def test_lr_schedule():
