@@ -91,8 +91,7 @@ class Task(nn.Module):
     def prep(self, u8: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, S, S) -> the exported encoder's normalised float input."""
         spec = self.export().spec
-        x = normalize(u8, spec.mean, spec.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalize(u8, spec.mean, spec.std, self.channels_last)
 
     def count(self, batch) -> tuple[int, int]:
         """(images, views) in ``batch``."""

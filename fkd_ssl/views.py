@@ -182,11 +182,12 @@ def render_views(img: torch.Tensor, params: np.ndarray, cfg: ViewConfig) -> torc
     return torch.stack([render_view(img, p, cfg) for p in params])
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 ``(B, 3, S, S)`` -> float32 normalised with per-channel ``mean`` / ``std`` (0–1 scale)."""
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return (x.float() - m) / s
+    x = (x.float() - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class ViewsBatch(NamedTuple):
