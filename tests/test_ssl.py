@@ -99,3 +99,21 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, data_root):
     assert len(rows) == 10 + 2 * 0  # one row per step, none duplicated by the resume
     again, res3 = _run(tmp_path / "a", data_root)  # a finished run is not trained again
     assert res3.steps == 10 and (tmp_path / "a" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["moco", "simsiam"])
+def test_the_students_ssl_term_is_the_teachers_objective(method):
+    from fkd_ssl.distill import DistillTask
+    from fkd_ssl.losses import DistillLoss
+    from fkd_ssl.replay import ReplayBatch
+
+    enc = _encoder(method)
+    views = torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)  # the same initial queue for both
+    teacher = (MoCo(enc, queue_size=16) if method == "moco" else SimSiam(enc)).eval()
+    torch.manual_seed(5)
+    student = DistillTask(enc, DistillLoss("cosine", 32), ssl=method, ssl_queue_size=16).eval()
+    with torch.no_grad():
+        want, _ = teacher(ViewsBatch(views, None, None))
+        _, metrics = student(ReplayBatch(views, torch.randn(4, 2, 32), torch.arange(4), None, None))
+    assert metrics["loss_ssl"] == pytest.approx(float(want), abs=1e-5)
