@@ -13,9 +13,9 @@ comes from is the *mode* (``distill_sup.py --targets``):
 ========== ==============================================================================
 
 The loss is soft cross-entropy (:func:`fkd_ssl.losses.soft_ce_probs`) at temperature 1
-(FKD's), averaged over views.  Optional mixup / cutmix (:func:`mix_batch`) mixes the images and the
-target distributions with the same coefficient; stored soft labels cannot see the mixed
-image, so in every mode the targets are mixed linearly (in ``online`` mode too, so that
+(FKD's), averaged over views.  Optional mixup / cutmix (:func:`mix_batch`) mixes the images
+and the target distributions with the same coefficient; stored soft labels cannot see the
+mixed image, so in every mode the targets are mixed linearly (in ``online`` mode too, so that
 store vs online isolates the cost of running the teacher).
 """
 

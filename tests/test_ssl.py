@@ -36,6 +36,26 @@ def test_infonce_matches_lightly_ntxent_with_memory_bank():
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+def test_objectives_match_float64_references():
+    import numpy as np
+
+    from fkd_ssl.objectives.simsiam import simsiam_loss
+
+    g = np.random.default_rng(0)
+    z1, z2, p1, p2 = (g.standard_normal((5, 8)) for _ in range(4))
+
+    def cos(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    t = [torch.from_numpy(a) for a in (z1, z2, p1, p2)]
+    assert simsiam_loss(*t).item() == pytest.approx(-0.5 * (cos(p1, z2).mean() + cos(p2, z1).mean()), rel=1e-9)
+    q, k, neg = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (z1, z2, g.standard_normal((6, 8))))
+    logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ neg.T], 1) / 0.2
+    ref = np.mean(np.log(np.exp(logits).sum(1)) - logits[:, 0])
+    got = infonce(*(torch.from_numpy(a) for a in (q, k, neg)), 0.2).item()
+    assert got == pytest.approx(ref, rel=1e-9)
+
+
 @pytest.mark.parametrize("method", ["moco", "simsiam"])
 def test_a_few_steps_lower_the_loss(method):
     enc = _encoder(method)

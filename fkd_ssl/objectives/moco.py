@@ -65,7 +65,8 @@ class MoCoObjective(nn.Module):
         return loss, float(pos)
 
     def state(self) -> dict:
-        return {"queue": self.queue.bank.detach().cpu().clone(), "queue_ptr": self.queue.bank_ptr.detach().cpu().clone()}
+        bank = self.queue
+        return {"queue": bank.bank.detach().cpu().clone(), "queue_ptr": bank.bank_ptr.detach().cpu().clone()}
 
     def load(self, state: dict) -> None:
         self.queue.bank.copy_(state["queue"])
