@@ -361,7 +361,7 @@ def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistCont
     task.to(device)
     if device.type == "cuda" and cfg.channels_last:
         task.to(memory_format=torch.channels_last)
-    peak_lr = cfg.optim.lr * cfg.batch_size * ctx.world_size / 256
+    peak_lr = cfg.optim.lr * (cfg.batch_size * ctx.world_size) / 256  # lr is for a global batch of 256
     stepper = Stepper(task, cfg, device, peak_lr)
     files = RunFiles(out, task, stepper, meta, ctx)
     pos = files.load()
