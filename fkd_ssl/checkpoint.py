@@ -29,7 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, writing
+from .errors import CheckpointError
+from .fileio import atomic_path, file_sha256, write_text_atomic
 from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher
 
 FORMAT = "fkd_ssl.model"
@@ -40,17 +41,9 @@ _META_KEY = "fkd_ssl"
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with writing(path):
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={_META_KEY: json.dumps(meta)})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={_META_KEY: json.dumps(meta)})
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -81,24 +74,13 @@ def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None
     full = {"format": FORMAT, "version": VERSION, "model": model.spec.to_dict(), **(meta or {})}
     state = {k: v for k, v in model.state_dict().items()}
     _atomic_save(state, path, full)
-    side = path.with_suffix(".json")
-    tmp = side.with_name(side.name + ".tmp")
-    try:
-        with writing(side):
-            tmp.write_text(json.dumps(full, indent=1, default=str))
-            os.replace(tmp, side)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=1, default=str))
     return path
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_digest(path: str | os.PathLike) -> str:
     """sha256 (first 16 hex digits) of a file: the identity caches and stores record."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(Path(path))[:16]
 
 
 def weights_digest(module: torch.nn.Module) -> str:

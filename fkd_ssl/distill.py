@@ -1,17 +1,15 @@
 """The distillation task: a student learns a teacher's targets for replayed views.
 
-:class:`DistillTask` is an :mod:`fkd_ssl.engine` task.  Its batches come from
-:class:`~fkd_ssl.replay.ReplayDataset`: ``(views uint8 (B, K, 3, S, S), targets float32
-(B, K, D), image int64 (B,), slots int64 (B, K), teacher_views uint8 (B, K, 3, S_t, S_t))``.
-The targets are the store's (FKD: no teacher forward) or, with an online teacher, the
-teacher's outputs on ``teacher_views`` computed at every step (the vanilla-KD baselines).
+:class:`DistillTask` is an :class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.replay.ReplayBatch`
+batches.  The targets are the store's (FKD: no teacher forward) or, with an online teacher,
+the teacher's outputs on ``teacher_views`` computed at every step (the vanilla-KD baselines).
 
 The student is an :class:`~fkd_ssl.models.Encoder` (timm backbone + lightly
 ``MoCoProjectionHead`` to the target dim, optional ``SimSiamPredictionHead``); its output for
 a view is the predictor's output if it has one, else the projection.  Optionally the student
 also minimises its own SSL objective between views 0 and 1 of each image (DisCo-style;
-still no teacher forward): ``moco`` (momentum encoder + queue of keys, :func:`fkd_ssl.ssl.infonce`)
-or ``simsiam`` (negative cosine between predictions and stop-grad projections).
+still no teacher forward): ``moco`` or ``simsiam``, the teachers' objectives from
+:mod:`fkd_ssl.objectives`.
 
 Helpers check what a student run is given: :func:`open_store` (the store exists, is complete
 and was made from ``--data``), :func:`check_head_dim`, :func:`build_student`.
@@ -19,16 +17,17 @@ and was made from ``--data``), :func:`check_head_dim`, :func:`build_student`.
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .engine import Task
 from .errors import ConfigError
 from .losses import DistillLoss
 from .models import Encoder, ModelSpec
-from .views import ViewConfig, normalize
+from .objectives.moco import MoCoObjective
+from .objectives.simsiam import simsiam_loss
+from .replay import ReplayBatch
+from .views import ViewConfig
 
 SSL_METHODS = ("none", "moco", "simsiam")
 
@@ -81,7 +80,7 @@ def build_student(arch: str, stem: str, input_size: int, out_dim: int, head_hidd
 # ----------------------------------------------------------------------------- the task
 
 
-class DistillTask(nn.Module):
+class DistillTask(Task):
     """Student + distillation loss (+ optional SSL term); an engine task (see module docstring).
 
     ``teacher``: a :class:`~fkd_ssl.teacher.TeacherTargets` for the online baselines (None:
@@ -100,40 +99,25 @@ class DistillTask(nn.Module):
         out_dim = student.spec.head_out
         if out_dim != loss.dim:
             raise ConfigError(f"the student's head dim {out_dim} does not match the target dim {loss.dim}")
+        if ssl == "simsiam" and student.predictor is None:
+            raise ConfigError("--ssl simsiam needs a predictor: set --predictor-hidden > 0")
         self.student, self.loss = student, loss
         object.__setattr__(self, "teacher", teacher)
         self.ssl, self.ssl_weight = ssl, float(ssl_weight)
-        self.ssl_temperature, self.base_momentum = ssl_temperature, ssl_momentum
         self.channels_last = channels_last
-        self.momentum_encoder: Encoder | None = None
-        self.ssl_queue = None
-        if ssl == "moco":
-            from lightly.models.modules.memory_bank import MemoryBankModule
-            from lightly.models.utils import deactivate_requires_grad
+        self.moco = (MoCoObjective(student, ssl_queue_size, ssl_temperature, ssl_momentum, distributed)
+                     if ssl == "moco" else None)
 
-            self.momentum_encoder = copy.deepcopy(student)
-            deactivate_requires_grad(self.momentum_encoder)
-            self.ssl_queue = MemoryBankModule(size=(ssl_queue_size, out_dim), gather_distributed=distributed,
-                                              feature_dim_first=False)
-        elif ssl == "simsiam" and student.predictor is None:
-            raise ConfigError("--ssl simsiam needs a predictor: set --predictor-hidden > 0")
-
-    def prep(self, u8: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) -> normalised float input."""
-        x = normalize(u8, self.student.spec.mean, self.student.spec.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def forward(self, batch, progress: float = 0.0) -> tuple[torch.Tensor, dict]:
-        views, targets, image = batch[0], batch[1], batch[2]
-        b, k = views.shape[:2]
+    def forward(self, batch: ReplayBatch, progress: float = 0.0) -> tuple[torch.Tensor, dict]:
+        b, k = batch.views.shape[:2]
         if self.teacher is not None:
-            t = self.teacher(batch[4].flatten(0, 1))  # (B*K, D), no grad
+            t = self.teacher(batch.teacher_views.flatten(0, 1))  # (B*K, D), no grad
         else:
-            t = targets.flatten(0, 1)
-        x = self.prep(views.flatten(0, 1))
+            t = batch.targets.flatten(0, 1)
+        x = self.prep(batch.views.flatten(0, 1))
         z = self.student.project(x)  # (B*K, D)
         s = self.student.predictor(z) if self.student.predictor is not None else z
-        loss, metrics = self.loss(s, t, image.repeat_interleave(k))
+        loss, metrics = self.loss(s, t, batch.image.repeat_interleave(k))
         metrics = {"loss_distill": float(loss.detach()), **metrics}
         if self.ssl != "none":
             if k < 2:
@@ -145,37 +129,20 @@ class DistillTask(nn.Module):
 
     def _ssl_loss(self, x: torch.Tensor, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The student's own SSL loss between views 0 and 1: x (B, K, 3, S, S), z / p (B, K, D)."""
-        if self.ssl == "simsiam":
-            return -0.5 * (F.cosine_similarity(p[:, 0], z[:, 1].detach(), dim=1).mean()
-                           + F.cosine_similarity(p[:, 1], z[:, 0].detach(), dim=1).mean())
-        from lightly.models.utils import update_momentum
-
-        from .ssl import infonce
-
-        m = self.base_momentum  # a constant EMA, as fkd_ssl.ssl.MoCo uses
-        q1, q2 = F.normalize(z[:, 0], dim=1), F.normalize(z[:, 1], dim=1)
-        with torch.no_grad():
-            if self.training:
-                update_momentum(self.student, self.momentum_encoder, m)
-            k1 = F.normalize(self.momentum_encoder.project(x[:, 0]), dim=1)
-            k2 = F.normalize(self.momentum_encoder.project(x[:, 1]), dim=1)
-        _, negatives = self.ssl_queue(k2, update=self.training)
-        negatives = negatives.to(q1.dtype)
-        t = self.ssl_temperature
-        return 0.5 * (infonce(q1, k2, negatives, t) + infonce(q2, k1, negatives, t))
+        if self.moco is None:
+            return simsiam_loss(z[:, 0], z[:, 1], p[:, 0], p[:, 1])
+        return self.moco(self.student, x[:, 0], x[:, 1], z[:, 0], z[:, 1])[0]
 
     def export(self) -> Encoder:
         return self.student
 
     def extra_state(self) -> dict:
         state = {"loss": self.loss.extra_state()}
-        if self.ssl_queue is not None:
-            state["ssl_queue"] = self.ssl_queue.bank.detach().cpu().clone()
-            state["ssl_queue_ptr"] = self.ssl_queue.bank_ptr.detach().cpu().clone()
+        if self.moco is not None:
+            state["ssl"] = self.moco.state()
         return state
 
     def load_extra_state(self, state: dict) -> None:
         self.loss.load_extra_state(state["loss"])
-        if self.ssl_queue is not None:
-            self.ssl_queue.bank.copy_(state["ssl_queue"])
-            self.ssl_queue.bank_ptr.copy_(state["ssl_queue_ptr"])
+        if self.moco is not None:
+            self.moco.load(state["ssl"])

@@ -1,24 +1,17 @@
-"""The one training loop: every teacher, student and baseline trains through :func:`train`.
+"""The one training loop: every teacher, student and baseline is a :class:`Task` trained by :func:`train`.
 
-A *task* is an ``nn.Module`` whose ``forward(batch, progress)`` returns ``(loss, metrics)``
-(``progress`` in [0, 1] is the fraction of training done), with ``export()`` giving the
-:class:`~fkd_ssl.models.Encoder` to save and ``extra_state()`` / ``load_extra_state()`` for
-state outside ``state_dict`` (e.g. a MoCo queue).  The loop supplies: DDP via torchrun (gloo
-on CPU, NCCL on CUDA), deterministic rank-aware sampling, SGD / LARS / AdamW with linear
-warm-up and cosine decay, AMP + channels_last on CUDA, tqdm with images/s and views/s,
-JSON-lines + tensorboard metrics, a state checkpoint every epoch (and every
-``ckpt_minutes``), and resume: rerunning the same command continues from the last state and
-gives the same result as an uninterrupted run.
-
-Files in ``out``: ``state.safetensors`` (resume state), ``model.safetensors`` + ``model.json``
-(the exported encoder, rewritten every epoch), ``metrics.jsonl``, ``tb/``.
+The loop supplies DDP via torchrun (gloo on CPU, NCCL on CUDA), deterministic rank-aware
+sampling, SGD / LARS / AdamW with linear warm-up and cosine decay, AMP + channels_last on
+CUDA, metrics (tqdm, ``metrics.jsonl``, ``tb/``), a resume state (``state.safetensors``) every
+epoch and every ``ckpt_minutes``, and the exported encoder (``model.safetensors`` + ``.json``).
+Rerunning the same command continues from the last state and gives the same result as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +28,10 @@ from .checkpoint import load_state, save_model, save_state
 from .data.sampler import EpochBatchSampler
 from .dist import DistContext
 from .errors import CheckpointError, ConfigError
+from .fileio import write_text_atomic
+from .models import Encoder
 from .progress import bar
+from .views import normalize
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
 
@@ -74,6 +70,41 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and export) after this much training time; 0 = no limit
 
 
+class Task(nn.Module):
+    """What :func:`train` trains: a model and its objective.
+
+    ``forward(batch, progress)`` returns ``(loss, metrics)`` (``progress`` in [0, 1] is the
+    fraction of training done); :meth:`export` gives the encoder to save; :meth:`extra_state`
+    / :meth:`load_extra_state` carry state outside ``state_dict`` (e.g. a queue); :meth:`count`
+    says how many images and views a batch holds.  Batches are NamedTuples with a ``views``
+    field, uint8 ``(B, V, 3, S, S)``.
+    """
+
+    channels_last = False
+
+    def forward(self, batch, progress: float = 0.0) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def export(self) -> Encoder:
+        raise NotImplementedError
+
+    def prep(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) -> the exported encoder's normalised float input."""
+        spec = self.export().spec
+        return normalize(u8, spec.mean, spec.std, self.channels_last)
+
+    def count(self, batch) -> tuple[int, int]:
+        """(images, views) in ``batch``."""
+        b, v = batch.views.shape[:2]
+        return b, b * v
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """No weight decay on biases and normalisation parameters (ndim <= 1)."""
     decay, no_decay = [], []
@@ -101,6 +132,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float, final_ratio: float = 
 def _to_device(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a batch NamedTuple
+        return type(obj)(*(_to_device(o, device) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(o, device) for o in obj)
     if isinstance(obj, dict):
@@ -124,25 +157,126 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-class MetricsLog:
-    """``metrics.jsonl`` + tensorboard on rank 0; on resume, rows past the resumed step are dropped."""
+@dataclass
+class Position:
+    """Where training stands; saved in the resume state."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int):
-        self.enabled = enabled
+    epoch: int = 0
+    batch: int = 0  # batches done in ``epoch``
+    step: int = 0
+    elapsed: float = 0.0  # training seconds (evaluation excluded)
+
+
+class Stepper:
+    """Optimiser, gradient scaler and autocast: one optimisation step of a task."""
+
+    def __init__(self, task: nn.Module, cfg: TrainConfig, device: torch.device, peak_lr: float):
+        cuda = device.type == "cuda"
+        self.device_type, self.amp = device.type, cuda and cfg.amp
+        self.opt = build_optimizer(task, cfg.optim, peak_lr)
+        self.amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+
+    def __call__(self, net: nn.Module, batch, lr: float, progress: float, step: int) -> tuple[torch.Tensor, dict]:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
+            loss, metrics = net(batch, progress)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss, metrics
+
+    def state(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class RunFiles:
+    """The run's files in ``out``: the resume state (load / save) and the exported model."""
+
+    def __init__(self, out: Path, task: Task, stepper: Stepper, meta: dict, ctx: DistContext):
+        self.task, self.stepper, self.meta, self.ctx = task, stepper, meta, ctx
+        self.state_path, self.model_path = out / "state.safetensors", out / "model.safetensors"
+
+    def load(self) -> Position:
+        """The position to start from; the task, optimiser and RNGs are restored if a state exists."""
+        if not self.state_path.exists():
+            return Position()
+        try:
+            st = load_state(self.state_path)
+            self.task.load_state_dict(st["model"])
+            self.stepper.load(st)
+            self.task.load_extra_state(st["extra"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{self.state_path} does not fit this run ({str(e)[:200]}); use another --out") from e
+        _set_rng_state(st["rng"])
+        pos = Position(st["epoch"], st["batch"], st["step"], st["elapsed"])
+        if self.ctx.is_main:
+            print(f"resuming from {self.state_path}: epoch {pos.epoch}, batch {pos.batch}, step {pos.step}", flush=True)
+        return pos
+
+    def save(self, pos: Position) -> None:
+        if self.ctx.is_main:
+            save_state(self.state_path, {"model": self.task.state_dict(), **self.stepper.state(),
+                                         "extra": self.task.extra_state(), "rng": _rng_state(), **asdict(pos),
+                                         "meta": json.dumps(self.meta, default=str)})
+        fdist.barrier()
+
+    def export(self, pos: Position) -> None:
+        if self.ctx.is_main:
+            save_model(self.model_path, self.task.export(), {**self.meta, "epochs": pos.epoch, "steps": pos.step,
+                                                             "train_seconds": round(pos.elapsed, 2)})
+
+
+class MetricsLog:
+    """Running means since the last row and images / views per second (every rank); the rows go
+    to ``metrics.jsonl`` + tensorboard on rank 0.  On resume, rows past the resumed step are dropped."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int, world_size: int = 1):
+        self.enabled, self.world_size = enabled, world_size
         self.path = out / "metrics.jsonl"
         self.tb = None
+        self.window: dict[str, float] = {}
+        self.n = self.images = self.views = 0
         if not enabled:
             return
         if self.path.exists():
             rows = [r for r in self.path.read_text().splitlines() if r.strip()]
             keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in keep))
+            write_text_atomic(self.path, "".join(r + "\n" for r in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # tensorboard is a dependency, but logging must never stop training
             self.tb = None
+
+    def add(self, loss: float, metrics: dict, images: int, views: int) -> None:
+        """One step of this rank: its loss, metrics and batch size (all ranks count alike)."""
+        self.images += images * self.world_size
+        self.views += views * self.world_size
+        for k, v in {"loss": loss, **metrics}.items():
+            self.window[k] = self.window.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def rates(self, elapsed: float) -> tuple[float, float]:
+        return self.images / max(elapsed, 1e-9), self.views / max(elapsed, 1e-9)
+
+    def flush(self, step: int, lr: float, epoch: int, elapsed: float) -> dict:
+        """Write the means since the last row (with ``lr``, ``epoch`` and the rates); return the row."""
+        img_s, view_s = self.rates(elapsed)
+        row = {k: v / self.n for k, v in self.window.items()}
+        row.update(lr=lr, epoch=epoch, images_per_s=img_s, views_per_s=view_s, elapsed=elapsed)
+        self.window, self.n = {}, 0
+        self.log(step, row)
+        return row
 
     def log(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -159,6 +293,28 @@ class MetricsLog:
             self.tb.close()
 
 
+class StopPolicy:
+    """When to save a state or stop besides the epoch end: ``--max-minutes`` of training and a
+    periodic checkpoint every ``ckpt_minutes``.  Under DDP with a time limit set, rank 0's clock
+    decides for every rank (one broadcast per step)."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.last_save = time.time()
+
+    def decide(self, elapsed: float, epoch_end: bool) -> tuple[bool, bool]:
+        """(stop, save a state now) after a step."""
+        cfg = self.cfg
+        stop = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
+        save = not epoch_end and cfg.ckpt_minutes > 0 and time.time() - self.last_save > cfg.ckpt_minutes * 60
+        if self.ctx.distributed and (cfg.max_minutes > 0 or cfg.ckpt_minutes > 0):
+            stop, save = fdist.agree(stop, save, device=self.ctx.device)
+        return stop, save
+
+    def saved(self) -> None:
+        self.last_save = time.time()
+
+
 @dataclass
 class TrainResult:
     model_path: Path
@@ -170,15 +326,29 @@ class TrainResult:
     finished: bool
 
 
-def _count(batch) -> tuple[int, int]:
-    """(images, views) in a batch whose first element is (B, 3, S, S) or (B, V, 3, S, S)."""
-    x = batch[0]
-    if x.ndim == 5:
-        return x.shape[0], x.shape[0] * x.shape[1]
-    return x.shape[0], x.shape[0]
+def build_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: TrainConfig, cuda: bool,
+                 collate_fn=None) -> DataLoader:
+    # the loader draws its workers' base seed from its own generator, never from the global RNG, which
+    # belongs to the task (e.g. mixup) and is restored on resume: a resumed run then draws as an uninterrupted one
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=cuda,
+                      persistent_workers=cfg.workers > 0, collate_fn=collate_fn,
+                      prefetch_factor=4 if cfg.workers > 0 else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def train(task: nn.Module, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistContext, out: Path,
+def wrap_ddp(task: Task, ctx: DistContext) -> nn.Module:
+    """``task`` in DistributedDataParallel under torchrun, else ``task`` itself."""
+    if not ctx.distributed:
+        return task
+    import inspect
+
+    ddp = nn.parallel.DistributedDataParallel
+    # buffers (BN statistics, the MoCo queue) are synced once at start, not at every forward
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": False})
+    return ddp(task, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **sync)
+
+
+def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistContext, out: Path,
           meta: dict, on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
           collate_fn=None, desc: str = "train") -> TrainResult:
     """Train ``task`` on ``dataset`` keys ``(i, epoch)`` for ``i`` in ``indices``; resume from ``out``.
@@ -187,148 +357,73 @@ def train(task: nn.Module, dataset: Dataset, indices, cfg: TrainConfig, ctx: Dis
     ``on_epoch_end(epoch, task)`` may return extra metrics (e.g. a kNN monitor) — rank 0 only.
     """
     device = ctx.device
-    cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     task.to(device)
-    if cuda and cfg.channels_last:
+    if device.type == "cuda" and cfg.channels_last:
         task.to(memory_format=torch.channels_last)
-    world_batch = cfg.batch_size * ctx.world_size
-    peak_lr = cfg.optim.lr * world_batch / 256
-    opt = build_optimizer(task, cfg.optim, peak_lr)
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp and amp_dtype == torch.float16)
-
-    state_path = out / "state.safetensors"
-    epoch, batch_in_epoch, step, elapsed = 0, 0, 0, 0.0
-    if state_path.exists():
-        try:
-            st = load_state(state_path)
-            task.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            scaler.load_state_dict(st["scaler"])
-            task.load_extra_state(st["extra"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{state_path} does not fit this run ({str(e)[:200]}); use another --out") from e
-        _set_rng_state(st["rng"])
-        epoch, batch_in_epoch, step, elapsed = st["epoch"], st["batch"], st["step"], st["elapsed"]
-        if ctx.is_main:
-            print(f"resuming from {state_path}: epoch {epoch}, batch {batch_in_epoch}, step {step}", flush=True)
-
+    peak_lr = cfg.optim.lr * (cfg.batch_size * ctx.world_size) / 256  # lr is for a global batch of 256
+    stepper = Stepper(task, cfg, device, peak_lr)
+    files = RunFiles(out, task, stepper, meta, ctx)
+    pos = files.load()
     sampler = EpochBatchSampler(indices, cfg.batch_size, cfg.epochs, cfg.seed, ctx.rank, ctx.world_size,
-                                start_epoch=epoch, start_batch=batch_in_epoch)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    model_path = out / "model.safetensors"
-
-    def export(epochs_done: int) -> None:
+                                start_epoch=pos.epoch, start_batch=pos.batch)
+    per_epoch = sampler.steps_per_epoch
+    total_steps, warmup = per_epoch * cfg.epochs, int(round(cfg.optim.warmup_epochs * per_epoch))
+    if pos.epoch >= cfg.epochs:
         if ctx.is_main:
-            save_model(model_path, task.export(), {**meta, "epochs": epochs_done, "steps": step,
-                                                   "train_seconds": round(elapsed, 2)})
+            print(f"{out}: already trained for {cfg.epochs} epochs; model at {files.model_path}", flush=True)
+        if not files.model_path.exists():
+            files.export(pos)
+        return TrainResult(files.model_path, pos.epoch, pos.step, pos.elapsed, 0.0, 0.0, True)
 
-    def checkpoint() -> None:
-        if ctx.is_main:
-            save_state(state_path, {"model": task.state_dict(), "optimizer": opt.state_dict(),
-                                    "scaler": scaler.state_dict(), "extra": task.extra_state(), "rng": _rng_state(),
-                                    "epoch": epoch, "batch": batch_in_epoch, "step": step, "elapsed": elapsed,
-                                    "meta": json.dumps(meta, default=str)})
-        fdist.barrier()
-
-    if epoch >= cfg.epochs:
-        if ctx.is_main:
-            print(f"{out}: already trained for {cfg.epochs} epochs; model at {model_path}", flush=True)
-        if not model_path.exists():
-            export(epoch)
-        return TrainResult(model_path, epoch, step, elapsed, 0.0, 0.0, True)
-
-    net: nn.Module = task
-    if ctx.distributed:
-        import inspect
-
-        ddp = nn.parallel.DistributedDataParallel
-        # buffers (BN statistics, the MoCo queue) are synced once at start, not at every forward
-        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                else {"broadcast_buffers": False})
-        net = ddp(task, device_ids=[device.index] if cuda else None, **sync)
-    # the loader draws its workers' base seed from its own generator, never from the global RNG, which
-    # belongs to the task (e.g. mixup) and is restored on resume: a resumed run then draws as an uninterrupted one
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=cuda,
-                        persistent_workers=cfg.workers > 0, collate_fn=collate_fn,
-                        prefetch_factor=4 if cfg.workers > 0 else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    log = MetricsLog(out, ctx.is_main, step)
+    net = wrap_ddp(task, ctx)
+    loader = build_loader(dataset, sampler, cfg, device.type == "cuda", collate_fn)
+    log, policy = MetricsLog(out, ctx.is_main, pos.step, ctx.world_size), StopPolicy(cfg, ctx)
     pbar = bar(len(sampler), desc, "step", enabled=ctx.is_main)
     task.train()
-    n_img = n_view = 0
-    t_last = time.time()
-    last_ckpt = time.time()
-    window: dict[str, float] = {}
-    finished = True
+    t_last, finished = time.time(), True
     for batch in loader:
         batch = _to_device(batch, device)
-        lr = lr_at(step, total_steps, warmup, peak_lr, cfg.optim.final_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and cfg.amp):
-            loss, metrics = net(batch, step / total_steps)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        imgs, views = _count(batch)
-        n_img += imgs * ctx.world_size
-        n_view += views * ctx.world_size
-        step += 1
-        batch_in_epoch += 1
-        for k, v in {"loss": float(loss.detach()), **metrics}.items():
-            window[k] = window.get(k, 0.0) + float(v)
-        window["_n"] = window.get("_n", 0) + 1
+        lr = lr_at(pos.step, total_steps, warmup, peak_lr, cfg.optim.final_lr_ratio)
+        loss, metrics = stepper(net, batch, lr, pos.step / total_steps, pos.step)
+        log.add(float(loss.detach()), metrics, *task.count(batch))
+        pos.step, pos.batch = pos.step + 1, pos.batch + 1
         now = time.time()
-        elapsed += now - t_last
-        t_last = now
+        pos.elapsed, t_last = pos.elapsed + now - t_last, now
         pbar.update(1)
-        if step % cfg.log_every == 0 or batch_in_epoch == steps_per_epoch:
-            n = window.pop("_n")
-            row = {k: v / n for k, v in window.items()}
-            row.update(lr=lr, epoch=epoch, images_per_s=n_img / max(elapsed, 1e-9), views_per_s=n_view / max(elapsed, 1e-9))
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{n_img / max(elapsed, 1e-9):.0f}",
-                             views_s=f"{n_view / max(elapsed, 1e-9):.0f}", refresh=False)
-            log.log(step, {**row, "elapsed": elapsed})
-            window = {}
-        epoch_end = batch_in_epoch == steps_per_epoch
-        stop = cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60
-        save = not epoch_end and cfg.ckpt_minutes > 0 and time.time() - last_ckpt > cfg.ckpt_minutes * 60
-        if ctx.distributed and (cfg.max_minutes > 0 or cfg.ckpt_minutes > 0):
-            stop, save = fdist.agree(stop, save, device=device)  # rank 0's clock decides for every rank
+        epoch_end = pos.batch == per_epoch
+        if pos.step % cfg.log_every == 0 or epoch_end:
+            row = log.flush(pos.step, lr, pos.epoch, pos.elapsed)
+            pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}",
+                             views_s=f"{row['views_per_s']:.0f}", refresh=False)
+        stop, save = policy.decide(pos.elapsed, epoch_end)
         if epoch_end:
-            epoch += 1
-            batch_in_epoch = 0
-            checkpoint()
-            export(epoch)
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            files.save(pos)
+            files.export(pos)
             if on_epoch_end is not None and ctx.is_main:
-                extra = on_epoch_end(epoch, task)
-                if extra:
-                    log.log(step, {"epoch": epoch, **extra})
-                    pbar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
-                task.train()
+                _epoch_hook(on_epoch_end, task, pos, log, pbar)
             t_last = time.time()  # evaluation time is not training time
         elif save:
-            checkpoint()
-            last_ckpt = time.time()
+            files.save(pos)
+            policy.saved()
         if stop:
-            if window:  # the rows since the last log, so a time-limited run still reports its speed
-                n = window.pop("_n")
-                log.log(step, {**{k: v / n for k, v in window.items()}, "lr": lr, "epoch": epoch,
-                               "images_per_s": n_img / max(elapsed, 1e-9), "views_per_s": n_view / max(elapsed, 1e-9),
-                               "elapsed": elapsed})
-                window = {}
-            finished = epoch >= cfg.epochs
-            checkpoint()
-            export(epoch)
+            if log.n:  # the rows since the last log, so a time-limited run still reports its speed
+                log.flush(pos.step, lr, pos.epoch, pos.elapsed)
+            finished = pos.epoch >= cfg.epochs
+            files.save(pos)
+            files.export(pos)
             break
     pbar.close()
     log.close()
-    return TrainResult(model_path, epoch, step, elapsed, n_img / max(elapsed, 1e-9), n_view / max(elapsed, 1e-9),
-                       finished and epoch >= cfg.epochs)
+    return TrainResult(files.model_path, pos.epoch, pos.step, pos.elapsed, *log.rates(pos.elapsed),
+                       finished and pos.epoch >= cfg.epochs)
+
+
+def _epoch_hook(on_epoch_end: Callable[[int, nn.Module], dict], task: Task, pos: Position, log: MetricsLog,
+                pbar) -> None:
+    extra = on_epoch_end(pos.epoch, task)
+    if extra:
+        log.log(pos.step, {"epoch": pos.epoch, **extra})
+        pbar.write(f"epoch {pos.epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+    task.train()

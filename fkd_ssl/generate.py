@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,12 +29,17 @@ from .teacher import TeacherTargets
 from .views import ViewConfig, render_views, sample_views
 
 
-class GroupViews(Dataset):
-    """Item ``g`` -> the rendered views of the images of group ``g``.
+class ImageViews(NamedTuple):
+    """The R rendered views of one image, or why it could not be read."""
 
-    Returns a list of ``(index, views uint8 (R, 3, S, S) | None, params float32 (R, P) | None,
-    error: str | None)``.
-    """
+    image: int
+    views: torch.Tensor | None  # uint8 (R, 3, S, S)
+    params: np.ndarray | None  # float32 (R, P)
+    error: str | None
+
+
+class GroupViews(Dataset):
+    """Item ``g`` -> a list of :class:`ImageViews`, one per image of group ``g``."""
 
     def __init__(self, base: IndexedDataset, groups: list[np.ndarray], cfg: ViewConfig, seed: int, views: int):
         self.base, self.groups, self.cfg, self.seed, self.views = base, groups, cfg, seed, views
@@ -47,11 +53,11 @@ class GroupViews(Dataset):
             i = int(i)
             img, err = load_uint8(self.base, i)
             if img is None:
-                out.append((i, None, None, err))
+                out.append(ImageViews(i, None, None, err))
                 continue
             _, h, w = img.shape
             params = sample_views(self.cfg, self.seed, i, range(self.views), h, w)
-            out.append((i, render_views(img, params, self.cfg), params, None))
+            out.append(ImageViews(i, render_views(img, params, self.cfg), params, None))
         return out
 
 
@@ -100,20 +106,20 @@ def generate(teacher: TeacherTargets, base: IndexedDataset, writer: StoreWriter,
     t0 = time.time()
     pbar = bar(sum(len(g) for g in groups), "teacher", "img", enabled=show_progress)
     for items in loader:
-        good = [it for it in items if it[3] is None]
-        for i, _, _, err in items:
-            if err is not None:
-                writer.skip(i, base.source(i), err)
+        good = [it for it in items if it.error is None]
+        for it in items:
+            if it.error is not None:
+                writer.skip(it.image, base.source(it.image), it.error)
                 n_skip += 1
         if good:
-            views = torch.cat([it[1] for it in good]).to(device, non_blocking=True)
+            views = torch.cat([it.views for it in good]).to(device, non_blocking=True)
             outs = []
             with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda and amp):
                 for c in range(0, len(views), batch_size):
                     outs.append(teacher(views[c:c + batch_size]).float().cpu())
             targets = torch.cat(outs).numpy().reshape(len(good), R, -1)
-            params = np.stack([it[2] for it in good]).astype(np.float32)
-            writer.write(np.array([it[0] for it in good]), params, targets)
+            params = np.stack([it.params for it in good]).astype(np.float32)
+            writer.write(np.array([it.image for it in good]), params, targets)
             n_img += len(good)
             n_views += len(views)
         pbar.update(len(items))

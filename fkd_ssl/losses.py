@@ -12,8 +12,8 @@ along ``D`` first and returns the mean loss over the ``N`` rows (a scalar).
 * :func:`seed` – SEED: cross-entropy between the teacher's and the student's similarity
   distributions over ``[t; queue]`` (teacher temperature ``tau_t``, student ``tau_s``);
 * :func:`cosine` – ``1 - cos(s, t)``;
-* :func:`soft_ce_probs` – cross-entropy of student logits against stored class
-  probabilities (classifier teachers; no normalisation).
+* :func:`soft_ce_probs` – cross-entropy of student logits against class probabilities
+  (classifier teachers; no normalisation) — also the classifier students' loss.
 
 :class:`TargetQueue` is the FIFO of earlier teacher targets; :class:`DistillLoss` binds a loss
 name, its temperatures and the queue, and gathers targets across DDP ranks.

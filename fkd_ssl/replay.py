@@ -20,8 +20,7 @@ for the online-teacher baselines.  Views come from a *source*:
 * :class:`FreshViews` – new random views from a :class:`~fkd_ssl.views.ViewConfig` every
   epoch (the vanilla online-KD baseline); never one of the stored views.
 
-Items: ``(views uint8 (K, 3, S, S), targets float32 (K, D) or (K, 0), image int, slots int64 (K,),
-teacher_views uint8 (K, 3, S_t, S_t) or (0,))``, so batches are ``(B, K, 3, S, S)``.
+Items are :class:`ReplayBatch` (collated: a leading ``B`` on each field).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,16 @@ from .views import PARAM_FIELDS, ViewConfig, render_view, sample_views
 _SIGMA = PARAM_FIELDS.index("blur_sigma")
 #: fresh (online) views use slots from here on, so they never coincide with stored ones
 FRESH_SLOT_BASE = 1 << 30
+
+
+class ReplayBatch(NamedTuple):
+    """K replayed views of an image (an item of :class:`ReplayDataset`; collated: a leading ``B``)."""
+
+    views: torch.Tensor  # uint8 (K, 3, S, S) at the student's size
+    targets: torch.Tensor  # float32 (K, D) stored targets, or (K, 0) without
+    image: int  # the image's index in the dataset
+    slots: torch.Tensor  # int64 (K,) the views' slots
+    teacher_views: torch.Tensor  # uint8 (K, 3, S_t, S_t) at the teacher's size, or (0,) without
 
 
 # ----------------------------------------------------------------------------- view selection
@@ -208,4 +218,4 @@ class ReplayDataset(Dataset):
         tviews = (torch.stack([render_view(img, p, self.teacher_cfg) for p in params]) if self.render_teacher
                   else torch.zeros(0, dtype=torch.uint8))
         t = torch.from_numpy(targets) if targets is not None else torch.zeros(self.k, 0)
-        return torch.stack(views), t, i, torch.from_numpy(slots), tviews
+        return ReplayBatch(torch.stack(views), t, i, torch.from_numpy(slots), tviews)

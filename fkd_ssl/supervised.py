@@ -1,10 +1,8 @@
 """Supervised FKD: a classifier student trained on soft labels of replayed views.
 
-:class:`SoftLabelTask` is an :mod:`fkd_ssl.engine` task.  Its batches come from
-:class:`~fkd_ssl.replay.ReplayDataset`: ``(views uint8 (B, K, 3, S, S), targets float32
-(B, K, C) or (B, K, 0), image int64 (B,), slots int64 (B, K), teacher_views uint8
-(B, K, 3, S_t, S_t) or (B, 0))``.  Where the target distribution of each view comes from is
-the *mode* (``distill_sup.py --targets``):
+:class:`SoftLabelTask` is an :class:`~fkd_ssl.engine.Task` on
+:class:`~fkd_ssl.replay.ReplayBatch` batches.  Where the target distribution of each view
+comes from is the *mode* (``distill_sup.py --targets``):
 
 ========== ==============================================================================
 ``store``  FKD: the teacher's soft labels of the stored views, read from the store
@@ -14,10 +12,10 @@ the *mode* (``distill_sup.py --targets``):
 ``hard``   the conventional framework: one-hot dataset labels (optional label smoothing)
 ========== ==============================================================================
 
-The loss is soft cross-entropy ``-sum_c t_c log softmax(s)_c`` at temperature 1 (FKD's),
-averaged over views.  Optional mixup / cutmix (:func:`mix_batch`) mixes the images and the
-target distributions with the same coefficient; stored soft labels cannot see the mixed
-image, so in every mode the targets are mixed linearly (in ``online`` mode too, so that
+The loss is soft cross-entropy (:func:`fkd_ssl.losses.soft_ce_probs`) at temperature 1
+(FKD's), averaged over views.  Optional mixup / cutmix (:func:`mix_batch`) mixes the images
+and the target distributions with the same coefficient; stored soft labels cannot see the
+mixed image, so in every mode the targets are mixed linearly (in ``online`` mode too, so that
 store vs online isolates the cost of running the teacher).
 """
 
@@ -27,19 +25,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .engine import Task
 from .errors import ConfigError
+from .losses import soft_ce_probs
 from .models import Encoder, ModelSpec
-from .views import normalize
+from .replay import ReplayBatch
 
 MODES = ("store", "online", "hard", "relabel")
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum_c target[:, c] * log_softmax(logits)[:, c]``; both (N, C)."""
-    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -137,7 +131,7 @@ def _classifier_names(model: Encoder) -> list[str]:
     return names
 
 
-class SoftLabelTask(nn.Module):
+class SoftLabelTask(Task):
     """Classifier student + soft cross-entropy on K views per image; an engine task (module doc).
 
     ``labels``: int64 (N,) dataset labels, used in ``hard`` mode.  ``teacher``: a
@@ -166,30 +160,24 @@ class SoftLabelTask(nn.Module):
         object.__setattr__(self, "teacher", teacher)
         self.channels_last = channels_last
 
-    def prep(self, u8: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) -> normalised float input."""
-        x = normalize(u8, self.student.spec.mean, self.student.spec.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def targets(self, batch) -> torch.Tensor:
+    def targets(self, batch: ReplayBatch) -> torch.Tensor:
         """(B*K, C) target distributions of the batch's views (no grad)."""
-        views, targets, image = batch[0], batch[1], batch[2]
-        k = views.shape[1]
+        k = batch.views.shape[1]
         if self.mode == "hard":
-            return one_hot(self.labels[image.repeat_interleave(k)], self.num_classes, self.label_smoothing)
+            return one_hot(self.labels[batch.image.repeat_interleave(k)], self.num_classes, self.label_smoothing)
         if self.mode == "online":
-            return self.teacher(batch[4].flatten(0, 1))
-        t = targets.flatten(0, 1).float()
+            return self.teacher(batch.teacher_views.flatten(0, 1))
+        t = batch.targets.flatten(0, 1).float()
         if t.shape[1] != self.num_classes:
             raise ConfigError(f"the targets have {t.shape[1]} classes, the student {self.num_classes}")
         return t
 
-    def forward(self, batch, progress: float = 0.0) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: ReplayBatch, progress: float = 0.0) -> tuple[torch.Tensor, dict]:
         t = self.targets(batch)
-        x = self.prep(batch[0].flatten(0, 1))
+        x = self.prep(batch.views.flatten(0, 1))
         x, t, info = mix_batch(x, t, self.mix)
         logits = self.student.logits(x)
-        loss = soft_cross_entropy(logits, t)
+        loss = soft_ce_probs(logits.float(), t)
         with torch.no_grad():
             agree = (logits.argmax(1) == t.argmax(1)).float().mean()
         metrics = {"target_agree": float(agree)}
@@ -199,12 +187,6 @@ class SoftLabelTask(nn.Module):
 
     def export(self) -> Encoder:
         return self.student
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
 
 
 @torch.no_grad()

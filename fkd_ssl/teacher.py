@@ -69,9 +69,7 @@ class TeacherTargets(nn.Module):
 
     @torch.no_grad()
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        x = normalize(views, self.model.spec.mean, self.model.spec.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(views, self.model.spec.mean, self.model.spec.std, self.channels_last)
         if self.kind == "proj":
             out = F.normalize(self.model.project(x).float(), dim=1)
         elif self.kind == "feature":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from itertools import permutations
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -181,17 +182,26 @@ def render_views(img: torch.Tensor, params: np.ndarray, cfg: ViewConfig) -> torc
     return torch.stack([render_view(img, p, cfg) for p in params])
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 ``(B, 3, S, S)`` -> float32 normalised with per-channel ``mean`` / ``std`` (0–1 scale)."""
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return (x.float() - m) / s
+    x = (x.float() - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class ViewsBatch(NamedTuple):
+    """An item of :class:`RandomViewsDataset` (a batch once collated: a leading ``B`` on each field)."""
+
+    views: torch.Tensor  # uint8 (n_views, 3, S, S)
+    label: int
+    image: int
 
 
 class RandomViewsDataset(torch.utils.data.Dataset):
     """Fresh random views for online training: key ``(i, epoch)`` -> views of image ``i``.
 
-    Returns ``(uint8 (n_views, 3, S, S), label, i)``; view ``v`` uses slot
+    Returns a :class:`ViewsBatch`; view ``v`` uses slot
     ``epoch * n_views + v``, so every epoch sees new views and the result is a pure function
     of ``(seed, i, epoch)`` — independent of workers, ranks and resumption.
     """
@@ -209,4 +219,4 @@ class RandomViewsDataset(torch.utils.data.Dataset):
         img = pil_to_uint8_tensor(self.base.load(i))
         _, h, w = img.shape
         params = sample_views(self.cfg, self.seed, i, range(epoch * self.n_views, (epoch + 1) * self.n_views), h, w)
-        return render_views(img, params, self.cfg), self.base.targets[i], i
+        return ViewsBatch(render_views(img, params, self.cfg), self.base.targets[i], i)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from conftest import ROOT, TINY
 from fkd_ssl.checkpoint import load_model, save_model
@@ -24,8 +25,8 @@ from fkd_ssl.engine import OptimConfig, TrainConfig, train
 from fkd_ssl.errors import ConfigError
 from fkd_ssl.losses import LOSSES, DistillLoss
 from fkd_ssl.models import Encoder, ModelSpec
-from fkd_ssl.replay import (FRESH_SLOT_BASE, FreshViews, ReplayDataset, StoreViews, cycle_epochs, decode_rgb,
-                            reuse_warning, select_slots)
+from fkd_ssl.replay import (FRESH_SLOT_BASE, FreshViews, ReplayBatch, ReplayDataset, StoreViews, cycle_epochs,
+                            decode_rgb, reuse_warning, select_slots)
 from fkd_ssl.store import TargetStore
 from fkd_ssl.teacher import load_teacher
 from fkd_ssl.views import VIEW_PARAM_DIM, ViewConfig, normalize, render_view
@@ -213,10 +214,8 @@ def _student(dim: int = 16, predictor: int = 0) -> Encoder:
     return build_student("resnet10t", "small", 24, dim, head_hidden=32, predictor_hidden=predictor)
 
 
-def _batch(data, images, epoch=0):
-    items = [data[(i, epoch)] for i in images]
-    return (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]), torch.tensor(images),
-            torch.stack([it[3] for it in items]), torch.stack([it[4] for it in items]))
+def _batch(data, images, epoch=0) -> ReplayBatch:
+    return default_collate([data[(i, epoch)] for i in images])
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -248,7 +247,7 @@ def test_online_replay_teacher_gives_the_stored_targets(data_root, store_path, t
     stored = _batch(ReplayDataset(ds, StoreViews(store, K, 0), cfg, 24), [1, 2, 3, 4])
     online = _batch(ReplayDataset(ds, StoreViews(store, K, 0, read_targets=False), cfg, 24, render_teacher=True),
                     [1, 2, 3, 4])
-    assert torch.equal(stored[0], online[0]) and online[1].shape == (4, K, 0)
+    assert torch.equal(stored.views, online.views) and online.targets.shape == (4, K, 0)
     teacher, _ = load_teacher(str(teacher_ckpt))
     loss = DistillLoss("cosine", 16)
     a = DistillTask(_student(), loss).eval()
@@ -292,7 +291,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, data_root, store_pa
         assert torch.equal(a, b), k
     sa, sb = full.extra_state(), resumed.extra_state()
     assert torch.equal(sa["loss"]["queue"]["bank"], sb["loss"]["queue"]["bank"])
-    assert sa["loss"]["queue"]["filled"] == 24 and torch.equal(sa["ssl_queue"], sb["ssl_queue"])
+    assert sa["loss"]["queue"]["filled"] == 24 and torch.equal(sa["ssl"]["queue"], sb["ssl"]["queue"])
 
 
 # ----------------------------------------------------------------------------- the script

@@ -11,8 +11,9 @@ from fkd_ssl.data import build_dataset
 from fkd_ssl.dist import DistContext
 from fkd_ssl.engine import OptimConfig, TrainConfig, lr_at, train
 from fkd_ssl.models import Encoder, ModelSpec
-from fkd_ssl.ssl import MoCo, SimSiam, infonce
-from fkd_ssl.views import RandomViewsDataset, ViewConfig
+from fkd_ssl.objectives.moco import infonce
+from fkd_ssl.ssl import MoCo, SimSiam
+from fkd_ssl.views import RandomViewsDataset, ViewConfig, ViewsBatch
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
@@ -35,6 +36,26 @@ def test_infonce_matches_lightly_ntxent_with_memory_bank():
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+def test_objectives_match_float64_references():
+    import numpy as np
+
+    from fkd_ssl.objectives.simsiam import simsiam_loss
+
+    g = np.random.default_rng(0)
+    z1, z2, p1, p2 = (g.standard_normal((5, 8)) for _ in range(4))
+
+    def cos(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    t = [torch.from_numpy(a) for a in (z1, z2, p1, p2)]
+    assert simsiam_loss(*t).item() == pytest.approx(-0.5 * (cos(p1, z2).mean() + cos(p2, z1).mean()), rel=1e-9)
+    q, k, neg = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (z1, z2, g.standard_normal((6, 8))))
+    logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ neg.T], 1) / 0.2
+    ref = np.mean(np.log(np.exp(logits).sum(1)) - logits[:, 0])
+    got = infonce(*(torch.from_numpy(a) for a in (q, k, neg)), 0.2).item()
+    assert got == pytest.approx(ref, rel=1e-9)
+
+
 @pytest.mark.parametrize("method", ["moco", "simsiam"])
 def test_a_few_steps_lower_the_loss(method):
     enc = _encoder(method)
@@ -47,7 +68,7 @@ def test_a_few_steps_lower_the_loss(method):
     task.train()
     losses = []
     for _ in range(15):
-        loss, metrics = task((views, None, None), 0.5)
+        loss, metrics = task(ViewsBatch(views, None, None), 0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -59,12 +80,13 @@ def test_a_few_steps_lower_the_loss(method):
 
 def test_moco_queue_is_saved_and_restored():
     task = MoCo(_encoder("moco"), queue_size=32)
-    task.queue.bank.normal_()
-    task.queue.bank_ptr.fill_(7)
+    task.objective.queue.bank.normal_()
+    task.objective.queue.bank_ptr.fill_(7)
     state = task.extra_state()
     other = MoCo(_encoder("moco"), queue_size=32)
     other.load_extra_state(state)
-    assert torch.equal(other.queue.bank, task.queue.bank) and int(other.queue.bank_ptr) == 7
+    assert torch.equal(other.objective.queue.bank, task.objective.queue.bank)
+    assert int(other.objective.queue.bank_ptr) == 7
 
 
 def test_lr_schedule():
@@ -97,3 +119,21 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, data_root):
     assert len(rows) == 10 + 2 * 0  # one row per step, none duplicated by the resume
     again, res3 = _run(tmp_path / "a", data_root)  # a finished run is not trained again
     assert res3.steps == 10 and (tmp_path / "a" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["moco", "simsiam"])
+def test_the_students_ssl_term_is_the_teachers_objective(method):
+    from fkd_ssl.distill import DistillTask
+    from fkd_ssl.losses import DistillLoss
+    from fkd_ssl.replay import ReplayBatch
+
+    enc = _encoder(method)
+    views = torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)  # the same initial queue for both
+    teacher = (MoCo(enc, queue_size=16) if method == "moco" else SimSiam(enc)).eval()
+    torch.manual_seed(5)
+    student = DistillTask(enc, DistillLoss("cosine", 32), ssl=method, ssl_queue_size=16).eval()
+    with torch.no_grad():
+        want, _ = teacher(ViewsBatch(views, None, None))
+        _, metrics = student(ReplayBatch(views, torch.randn(4, 2, 32), torch.arange(4), None, None))
+    assert metrics["loss_ssl"] == pytest.approx(float(want), abs=1e-5)

@@ -51,9 +51,9 @@ def test_random_views_dataset_new_views_each_epoch(data_root):
     from fkd_ssl.data import build_dataset
 
     ds = RandomViewsDataset(build_dataset(TINY, "train", data_root), ViewConfig(size=16), seed=0, n_views=2)
-    v0, label, i = ds[(3, 0)]
-    assert v0.shape == (2, 3, 16, 16) and i == 3
-    assert torch.equal(v0, ds[(3, 0)][0]) and not torch.equal(v0, ds[(3, 1)][0])
+    item = ds[(3, 0)]
+    assert item.views.shape == (2, 3, 16, 16) and item.image == 3 and item.label == ds.base.targets[3]
+    assert torch.equal(item.views, ds[(3, 0)].views) and not torch.equal(item.views, ds[(3, 1)].views)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

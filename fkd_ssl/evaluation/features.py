@@ -48,6 +48,7 @@ from ..checkpoint import load_model, model_identity, weights_digest
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
 from ..errors import CheckpointError, ConfigError, DataError, writing
+from ..fileio import atomic_path, write_text_atomic
 from ..models import IMAGENET_MEAN, IMAGENET_STD, NAMED_TEACHERS, Encoder, ModelSpec
 from ..progress import bar
 from ..store.layout import preallocate
@@ -250,26 +251,6 @@ def cache_key(source: FeatureSource, dataset: IndexedDataset, dtype: str) -> tup
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], what
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with writing(path):
-            tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    try:
-        with writing(path):
-            np.save(tmp, arr, allow_pickle=False)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_cached(folder: Path, key: str) -> FeatureSet | None:
     """The finished cache in ``folder`` if it is complete and matches ``key``, else None."""
     manifest_path = folder / "manifest.json"
@@ -421,8 +402,10 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
                     "dataset": dataset.describe(), "seconds": round(time.time() - start, 2)}
         if folder is not None:
             feats.flush()  # type: ignore[union-attr]
-            _atomic_npy(folder / "labels.npy", targets)
-            _atomic_json(folder / "manifest.json", manifest)  # last: from here on the cache is trusted
+            with atomic_path(folder / "labels.npy") as tmp:
+                np.save(tmp, targets, allow_pickle=False)
+            # last: from here on the cache is trusted
+            write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True, default=str))
             (folder / "filled.npy").unlink(missing_ok=True)
             del feats
             result = load_cached(folder, key)

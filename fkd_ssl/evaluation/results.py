@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import ConfigError, DataError
+from ..fileio import atomic_path, write_text_atomic
 
 PROTOCOLS = ("knn", "knn-majority", "linear-fast", "linear-full")
 CSV_COLUMNS = ("timestamp", "model", "method", "arch", "features", "model_ref", "model_identity", "input_size", "data",
@@ -50,12 +51,10 @@ def make_row(*, source: dict, data: str, train: dict, val: dict, protocol: str, 
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON atomically (tmp + rename)."""
+    """Write ``obj`` as indented JSON atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
     return path
 
 
@@ -230,10 +229,9 @@ def render_png(rows: Sequence[dict], path: str | os.PathLike, metric: str = "top
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -246,7 +244,5 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         writer.writerow({**r, "extra": json.dumps(r.get("extra", {}))})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
     return path

@@ -1,0 +1,1 @@
+"""Self-supervised objectives shared by the SSL teachers (:mod:`fkd_ssl.ssl`) and the student's own SSL term."""
