@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import DataError
+from ..errors import DataError, prepare_out_dir
 
 CLASSES = ("stripes", "checker", "dots", "rings", "zigzag", "grid", "blobs", "bricks", "sunburst", "waves")
 
@@ -244,7 +244,6 @@ def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) 
 
 def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), verbose: bool = True) -> Path:
     """Return the folder of the generated dataset, generating it first if needed."""
-    from ..cli import prepare_out_dir
     from ..progress import bar
 
     root = Path(root).expanduser()
