@@ -126,17 +126,22 @@ def build_training_data(src: Source, train_set, ctx, k: int, seed: int, input_si
     return TrainingData(dataset, teacher_cfg, dim, teacher, teacher_id, store, maps)
 
 
-def train_config(args, k: int) -> TrainConfig:
-    """The engine's schedule for a run counted in samples (one view with its target each): with
-    K views per decoded image one pass over the images is K epochs, a step of ``--batch-size``
-    samples holds ``batch / K`` images, ``--lr`` (per 256 samples) is ``K * lr`` per 256 images
-    and ``--warmup-epochs`` is ``warmup / K`` passes."""
+def check_budget(args, k: int) -> None:
+    """ConfigError unless --epochs and --batch-size are whole numbers of passes / images at K = ``k``."""
     if args.epochs % k:
         raise ConfigError(f"--epochs {args.epochs} must be a multiple of --crops-per-image {k}: one pass over the "
                           f"images gives {k} views per image, worth {k} epochs (as in FKD)")
     if args.batch_size % k:
         raise ConfigError(f"--batch-size {args.batch_size} (samples per step) must be a multiple of "
                           f"--crops-per-image {k}")
+
+
+def train_config(args, k: int) -> TrainConfig:
+    """The engine's schedule for a run counted in samples (one view with its target each): with
+    K views per decoded image one pass over the images is K epochs, a step of ``--batch-size``
+    samples holds ``batch / K`` images, ``--lr`` (per 256 samples) is ``K * lr`` per 256 images
+    and ``--warmup-epochs`` is ``warmup / K`` passes."""
+    check_budget(args, k)
     optim = OptimConfig(args.optimizer, args.lr * k, args.weight_decay, 0.9, args.warmup_epochs / k)
     return TrainConfig(epochs=args.epochs // k, batch_size=args.batch_size // k, workers=args.workers, seed=args.seed,
                        optim=optim, amp=not args.no_amp, max_minutes=args.max_minutes)

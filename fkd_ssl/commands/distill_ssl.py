@@ -145,12 +145,12 @@ def _meta(args, data: TrainingData, train_set, config: dict, mode: str) -> dict:
 
 
 def run(args) -> int:
-    cfg = train_config(args, args.crops_per_image)
     ctx = fdist.setup(args.device)
     try:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         data = _training_data(args, train_set, ctx)
+        cfg = train_config(args, args.crops_per_image)
         task, mode = _task(args, data, ctx), _mode(args)
         # everything is checked: only now the run folder is touched
         out = cli.prepare_out_dir(args.out or cli.default_run_dir("distill", args.data, mode, args.loss, args.arch))

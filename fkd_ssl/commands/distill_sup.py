@@ -29,7 +29,7 @@ from ..data import build_dataset
 from ..engine import train
 from ..models import STEMS
 from ..supervised import MODES, MixConfig, SoftLabelTask, build_classifier, classifier_accuracy, init_backbone
-from ..training_data import Source, TrainingData, build_training_data, train_config
+from ..training_data import Source, TrainingData, build_training_data, check_budget, train_config
 from ..views import ViewConfig
 
 #: settings that define a run: changing one needs another --out
@@ -80,8 +80,7 @@ def check(p, args) -> None:
     mode = args.targets
     if args.crops_per_image is None:
         args.crops_per_image = 4 if mode in ("store", "online") else 1
-    if mode == "store" and not args.store:
-        p.error("--targets store needs --store (a soft-label store from gen_targets.py with a classifier teacher)")
+    check_budget(args, args.crops_per_image)
     if mode == "online" and not args.teacher:
         p.error("--targets online needs --teacher")
     if mode == "relabel" and not args.label_map:
@@ -92,6 +91,8 @@ def check(p, args) -> None:
         p.error("--label-smoothing is for --targets hard (soft labels are already soft)")
     if args.crop_min > 1:
         p.error(f"--crop-min must be <= 1, got {args.crop_min}")
+    if mode == "store" and not args.store:
+        p.error("--targets store needs --store (a soft-label store from gen_targets.py with a classifier teacher)")
 
 
 def main(argv=None) -> int:
@@ -142,13 +143,13 @@ def _val_hook(args, num_classes: int, val_set, ctx):
 
 
 def run(args) -> int:
-    cfg, k = train_config(args, args.crops_per_image), args.crops_per_image
     ctx = fdist.setup(args.device)
     try:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
             val_set = None if args.no_val else build_dataset(args.data, "val", args.data_root, verbose=False)
         data = training_data(args, train_set, ctx)
+        cfg, k = train_config(args, args.crops_per_image), args.crops_per_image
         torch.manual_seed(args.seed)  # the student's initial weights depend on --seed only
         student = build_classifier(args.arch, args.stem, args.input_size, data.target_dim)
         init = init_backbone(student, args.init) if args.init else None
