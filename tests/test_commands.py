@@ -113,7 +113,7 @@ def test_non_editable_install_runs_from_any_folder(tmp_path):
     shutil.rmtree(src)  # nothing may come from the source tree
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "2",
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1",
                                                                         "PATH": f"{bin_}:{os.environ['PATH']}"}
     where = subprocess.run([str(py), "-c", "import fkd_ssl; print(fkd_ssl.__file__)"], capture_output=True,
                            text=True, cwd=empty, env=env, timeout=120)

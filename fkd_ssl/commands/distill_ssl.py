@@ -101,7 +101,7 @@ def _default_store(args) -> str:
     """The store gen_targets.py writes for --data and its default teacher (it must exist)."""
     default = cli.default_run_dir("store", args.data, cli.default_run_dir("teacher", args.data).name)
     if not default.exists():
-        raise ConfigError(f"no --store given and {default} does not exist: run experiments/gen_targets.py "
+        raise ConfigError(f"no --store given and {default} does not exist: run fkd-gen-targets "
                           f"--data {args.data} first, or pass --store")
     return str(default)
 

@@ -84,7 +84,7 @@ def check(p, args) -> None:
     if mode == "online" and not args.teacher:
         p.error("--targets online needs --teacher")
     if mode == "relabel" and not args.label_map:
-        p.error("--targets relabel needs --label-map (from experiments/gen_label_map.py)")
+        p.error("--targets relabel needs --label-map (from fkd-gen-label-map)")
     if mode != "online" and args.teacher:
         p.error(f"--teacher is for --targets online (with --targets {mode} the teacher is in the store / label map)")
     if mode != "hard" and args.label_smoothing:
@@ -138,7 +138,7 @@ def _val_hook(args, num_classes: int, val_set, ctx):
         return lambda epoch, t: classifier_accuracy(t.export(), val_set, 256, 0, ctx.device)
     if val_set is not None and ctx.is_main:
         print(f"note: the student has {num_classes} classes, {args.data} has {val_set.num_classes}: no val top-1 "
-              f"(judge it with eval/knn.py and eval/linear_probe.py)", flush=True)
+              f"(judge it with fkd-knn and fkd-linear-probe)", flush=True)
     return None
 
 

@@ -106,7 +106,7 @@ def _default_teacher(args) -> str:
     path = cli.default_run_dir("teacher", args.data) / "model.safetensors"
     if not path.exists():
         raise ConfigError(f"no --teacher given and {path} does not exist: run "
-                          f"experiments/pretrain_teacher.py --data {args.data} first, or pass --teacher")
+                          f"fkd-pretrain-teacher --data {args.data} first, or pass --teacher")
     return str(path)
 
 

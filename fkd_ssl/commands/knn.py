@@ -1,11 +1,4 @@
-"""kNN evaluation of frozen features: faiss exact cosine search, weighted (T=0.07) and majority votes.
-
-    python eval/knn.py --checkpoint runs/fkd/model.safetensors --data synthetic
-    python eval/knn.py --checkpoint effnet-lite0 --data imagefolder:/data/imagenet --device cuda
-    python eval/knn.py --checkpoint random:resnet18 --stem small --input-size 64
-    python eval/knn.py --checkpoint pixels:32
-    torchrun --nproc-per-node 8 eval/knn.py --checkpoint ... --data imagefolder:/data/imagenet
-"""
+"""kNN evaluation of frozen features (``fkd-knn``; usage lines in ``eval/knn.py``)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Linear probe of frozen features: fast logistic regression on cached features, or the full protocol.
-
-    python eval/linear_probe.py --checkpoint runs/fkd/model.safetensors --data synthetic
-    python eval/linear_probe.py --checkpoint effnet-lite0 --data imagefolder:/data/imagenet --full --device cuda
-    torchrun --nproc-per-node 8 eval/linear_probe.py --checkpoint ... --full --epochs 90
-"""
+"""Linear probe of frozen features (``fkd-linear-probe``; usage lines in ``eval/linear_probe.py``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Render the accumulated results table side by side: markdown, a PNG bar chart and a CSV.
-
-    python eval/report.py                      # runs/results.jsonl -> runs/results.{md,png,csv}
-    python eval/report.py --data synthetic --metric top5 --out docs/
-"""
+"""Render the accumulated results table (``fkd-report``; usage lines in ``eval/report.py``)."""
 
 from __future__ import annotations
 
