@@ -105,7 +105,9 @@ def test_non_editable_install_runs_from_any_folder(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info", "build"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    # without its own pip: this interpreter's pip and setuptools (seen through the system site) build the wheel
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)
     py, bin_ = venv / "bin" / "python", venv / "bin"
     pip = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                           str(src)], capture_output=True, text=True, timeout=900)
