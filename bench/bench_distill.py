@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fkd_ssl.dist import DistContext  # noqa: E402
+from fkd_ssl.data.synthetic import write_photo_jpegs
+from fkd_ssl.dist import DistContext
+from fkd_ssl.views import VIEW_PARAM_DIM, ViewConfig, sample_views
 
 _TMP: list[Path] = []
 
@@ -48,7 +46,6 @@ def _tmpdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     _TMP.append(path)
     return path
-from fkd_ssl.views import VIEW_PARAM_DIM, ViewConfig, sample_views  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- (a) training
@@ -154,21 +151,6 @@ def bench_train(args) -> dict:
 # ----------------------------------------------------------------------------- (b) data loading
 
 
-def _make_jpegs(folder: Path, n: int) -> None:
-    """``n`` photo-like JPEGs of ~500x375 (smooth colour fields + texture), ImageNet's typical size."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = (500, 375) if i % 3 else (375, 500)
-        low = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3)).astype(np.uint8)
-        img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
-        arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 13, (h, w, 3))
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"c{i % 4}" / f"{i}.jpg", quality=90)
-
-
 def _rate(fn, n_items: int, views_per_item: int, seconds: float) -> float:
     """Views/s of calling ``fn(j)`` for j = 0, 1, ... (cycling over n_items) for ~``seconds``."""
     fn(0)
@@ -189,7 +171,7 @@ def bench_load(args) -> dict:
 
     torch.set_num_threads(1)
     tmp = _tmpdir("bench_load_")
-    _make_jpegs(tmp / "jpegs", args.jpegs)
+    write_photo_jpegs(tmp / "jpegs", args.jpegs)
     size = args.size
     results = {}
     for photometric in (False, True):
@@ -316,8 +298,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=96, help="(a) synthetic image side")
     p.add_argument("--views", type=int, default=4, help="(a) stored views per image")
     p.add_argument("--k", type=int, default=2, help="(a) views per image per step")
-    p.add_argument("--epochs", type=int, default=1, help="(a) epochs per mode (<= views // k keeps views unseen)")
-    p.add_argument("--batch-size", type=int, default=16, help="(a) images per step")
+    p.add_argument("--epochs", type=int, default=1, help="(a) passes over the images per mode (<= views // k keeps views unseen)")
+    p.add_argument("--batch-size", type=int, default=16, help="(a) images per step (k views each)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="(a) runs per mode, interleaved (the median is reported)")
     p.add_argument("--warmup-steps", type=int, default=2)

@@ -4,7 +4,7 @@ The paper's Table (8 V100, ResNet-50, batch 1024): vanilla 579.36 s, ReLabel 762
 486.77 s per epoch.  Here, side by side in one run on ImageNet-sized JPEGs (~500x375, made in a
 temp folder) and a 1000-class classifier teacher (random weights: speed does not depend on
 training), every mode trains the same student with the same views per step through
-``experiments/distill_sup.py``:
+``fkd-distill-sup`` (:mod:`fkd_ssl.commands.distill_sup`):
 
 * ``fkd``     -- ``--targets store``: K = 4 stored views per decoded image, top-5 soft labels read
                from the store (the teacher never runs);
@@ -43,26 +43,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 PAPER = {"fkd": 486.77, "plain": 579.36, "relabel": 762.11}  # s/epoch, 8 V100, ResNet-50, batch 1024
 
 
-def _run(script: str, argv: list[str]) -> None:
-    from fkd_ssl.pipeline import load_script
+def _run(command: str, argv: list[str]) -> None:
+    """``fkd-<command> argv`` in this process."""
+    import importlib
 
-    code = load_script(script).main(argv)
+    code = importlib.import_module(f"fkd_ssl.commands.{command}").main(argv)
     if code:
-        raise SystemExit(f"{script} failed with exit {code}")
+        raise SystemExit(f"{command} failed with exit {code}")
 
 
 def data_rate(argv: list[str], seconds: float) -> tuple[float, int]:
@@ -71,14 +67,15 @@ def data_rate(argv: list[str], seconds: float) -> tuple[float, int]:
     targets; no student).  Returns (views/s, K)."""
     import torch
 
+    from fkd_ssl.commands import distill_sup
     from fkd_ssl.data import build_dataset
     from fkd_ssl.dist import DistContext
-    from fkd_ssl.pipeline import load_script
 
-    mod = load_script("experiments/distill_sup.py")
-    args = mod.parse(argv)
+    p = distill_sup.build_parser()
+    args = p.parse_args(argv)
+    distill_sup.check(p, args)
     train_set = build_dataset(args.data, "train", args.data_root, verbose=False)
-    dataset = mod.training_data(args, train_set, DistContext(0, 1, 0, torch.device("cpu")))[0]
+    dataset = distill_sup.training_data(args, train_set, DistContext(0, 1, 0, torch.device("cpu"))).dataset
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
@@ -122,15 +119,15 @@ def main() -> None:
 
     import torch
 
-    from bench_distill import _make_jpegs
     from fkd_ssl.checkpoint import save_model
+    from fkd_ssl.data.synthetic import write_photo_jpegs
     from fkd_ssl.models import Encoder, ModelSpec, count_flops
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_sup_"))
     try:
         data = tmp / "jpegs"
-        _make_jpegs(data / "train", args.images)
-        _make_jpegs(data / "val", 8)
+        write_photo_jpegs(data / "train", args.images)
+        write_photo_jpegs(data / "val", 8)
         spec = f"imagefolder:{data}"
         torch.manual_seed(0)
         teacher = Encoder(ModelSpec(arch=args.teacher_arch, num_classes=1000, input_size=args.teacher_size)).eval()
@@ -143,11 +140,11 @@ def main() -> None:
         common = ["--data", spec, "--data-root", str(tmp / "root"), "--device", args.device, "--workers",
                   str(args.workers)]
         t0 = time.time()
-        _run("experiments/gen_targets.py", [*common, "--teacher", ckpt, "--views-per-image", str(args.epochs),
+        _run("gen_targets", [*common, "--teacher", ckpt, "--views-per-image", str(args.epochs),
                                             "--codec", "topk", "--topk", "5", "--out", str(tmp / "store")])
         t_store = time.time() - t0
         t0 = time.time()
-        _run("experiments/gen_label_map.py", [*common, "--teacher", ckpt, "--topk", "5", "--input-size",
+        _run("gen_label_map", [*common, "--teacher", ckpt, "--topk", "5", "--input-size",
                                               str(args.label_map_size), "--out", str(tmp / "lmap")])
         t_map = time.time() - t0
         print(f"done once: store {t_store:.1f} s, ReLabel label map {t_map:.1f} s", flush=True)
@@ -178,7 +175,7 @@ def main() -> None:
         for rep in range(args.repeats):
             for name, extra in modes.items():
                 out = tmp / f"{name}-{rep}"
-                _run("experiments/distill_sup.py", [*student_args, *extra, "--out", str(out)])
+                _run("distill_sup", [*student_args, *extra, "--out", str(out)])
                 meta = json.loads((out / "model.json").read_text())
                 per_epoch[name].append(float(meta["train_seconds"]) / args.epochs)
                 print(f"  {name:8s} rep {rep}: {per_epoch[name][-1]:.2f} s/epoch", flush=True)

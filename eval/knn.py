@@ -1,37 +1,15 @@
-"""kNN evaluation of frozen features: faiss exact cosine search, weighted (T=0.07) and majority votes.
+"""kNN evaluation of frozen features: faiss exact cosine search, weighted (T=0.07) and majority votes (``fkd-knn``).
 
     python eval/knn.py --checkpoint runs/fkd/model.safetensors --data synthetic
     python eval/knn.py --checkpoint effnet-lite0 --data imagefolder:/data/imagenet --device cuda
     python eval/knn.py --checkpoint random:resnet18 --stem small --input-size 64
     python eval/knn.py --checkpoint pixels:32
     torchrun --nproc-per-node 8 eval/knn.py --checkpoint ... --data imagefolder:/data/imagenet
+
+Flags: ``--help`` (the command is :mod:`fkd_ssl.commands.knn`).
 """
 
-from __future__ import annotations
-
-from typing import Sequence
-
-from fkd_ssl.cli import add_common_args, parser, positive_float, positive_int, run_main
-from fkd_ssl.evaluation.commands import add_cache_args, add_output_args, add_source_args, int_list, run_knn
-from fkd_ssl.evaluation.knn import DEFAULT_KS, DEFAULT_T
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("kNN classification of frozen features (train split = bank, val split = queries).")
-    add_source_args(p)
-    add_common_args(p, ("data", "data_root", "out", "batch_size", "workers", "device", "seed"))
-    g = p.add_argument_group("kNN")
-    g.add_argument("--k", type=int_list("--k", allow_empty=True), default=list(DEFAULT_KS),
-                   help="neighbour counts for the weighted vote (comma-separated, or none)")
-    g.add_argument("--majority-k", type=int_list("--majority-k", allow_empty=True), default=[1],
-                   help="neighbour counts for the plain majority vote (1 = nearest neighbour; or none)")
-    g.add_argument("--temperature", type=positive_float("--temperature"), default=DEFAULT_T,
-                   help="T of the exp(sim / T) vote weights")
-    g.add_argument("--query-chunk", type=positive_int("--query-chunk"), default=8192, help="queries per search call")
-    add_cache_args(p)
-    add_output_args(p)
-    return run_knn(p.parse_args(argv))
-
+from fkd_ssl.commands.knn import console, main  # noqa: F401  (main: for callers that import the script)
 
 if __name__ == "__main__":
-    run_main(main)
+    console()

@@ -1,26 +1,12 @@
-"""Render the accumulated results table side by side: markdown, a PNG bar chart and a CSV.
+"""Render the accumulated results table side by side: markdown, a PNG bar chart and a CSV (``fkd-report``).
 
     python eval/report.py                      # runs/results.jsonl -> runs/results.{md,png,csv}
     python eval/report.py --data synthetic --metric top5 --out docs/
+
+Flags: ``--help`` (the command is :mod:`fkd_ssl.commands.report`).
 """
 
-from __future__ import annotations
-
-from typing import Sequence
-
-from fkd_ssl.cli import parser, run_main
-from fkd_ssl.evaluation.commands import DEFAULT_RESULTS, run_report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser("Render evaluation results (latest row per model, data, protocol and k).")
-    p.add_argument("--results", default=DEFAULT_RESULTS, help="results table written by the evaluators")
-    p.add_argument("--out", default=None, help="output folder (default: the results table's folder)")
-    p.add_argument("--metric", default="top1", choices=("top1", "top5"))
-    p.add_argument("--data", default=None, help="only rows whose --data contains this text")
-    p.add_argument("--model", action="append", default=None, help="only models whose label contains this (repeatable)")
-    return run_report(p.parse_args(argv))
-
+from fkd_ssl.commands.report import console, main  # noqa: F401  (main: for callers that import the script)
 
 if __name__ == "__main__":
-    run_main(main)
+    console()

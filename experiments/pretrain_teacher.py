@@ -1,98 +1,13 @@
-"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data.
+"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data (``fkd-pretrain-teacher``).
 
-With no arguments it trains a MoCo v2 ResNet-10t (timm ``resnet10t``, 48 px, batch 64, 5
-epochs) on the built-in synthetic set on CPU in under ten minutes on 2 cores and writes
-``runs/teacher-synthetic/model.safetensors``.  (The cheaper backbone and smaller batch buy more
-optimizer steps than ResNet-18 in the same time, and learn much better features.)  Rerunning the same
-command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py ...`` trains with DDP.
+    python experiments/pretrain_teacher.py                       # MoCo v2 resnet10t on the synthetic set
+    python experiments/pretrain_teacher.py --method simsiam --data imagefolder:/data/imagenet --device cuda
+    torchrun --nproc_per_node=8 experiments/pretrain_teacher.py --data imagefolder:/data/imagenet ...
+
+Flags and their units: ``--help`` (the command is :mod:`fkd_ssl.commands.pretrain_teacher`).
 """
 
-from __future__ import annotations
-
-import torch
-
-from fkd_ssl import cli
-from fkd_ssl import dist as fdist
-from fkd_ssl.data import build_dataset
-from fkd_ssl.engine import OptimConfig, TrainConfig, train
-from fkd_ssl.models import STEMS, Encoder, ModelSpec
-from fkd_ssl.ssl import METHODS, MoCo, SimSiam
-from fkd_ssl.views import RandomViewsDataset, ViewConfig
-
-#: settings that define a run: changing one needs another --out
-IDENTITY = ("data", "arch", "stem", "method", "input_size", "crop_min", "jitter", "hue", "gray_p", "epochs", "batch_size", "seed", "queue_size",
-            "temperature", "momentum", "proj_dim", "proj_hidden", "head_bn", "optimizer", "lr", "weight_decay", "warmup_epochs")
-
-
-def parse(argv=None):
-    p = cli.parser(__doc__)
-    cli.add_common_args(p, epochs=5, batch_size=64, workers=1, arch="resnet10t")
-    p.add_argument("--method", choices=METHODS, default="moco")
-    p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
-    p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=48, help="training crop side (px)")
-    p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.2, help="RandomResizedCrop min scale")
-    p.add_argument("--jitter", type=cli.nonneg_float("--jitter"), default=0.8,
-                   help="colour-jitter strength for brightness, contrast and saturation (MoCo v2: 0.4)")
-    p.add_argument("--hue", type=cli.nonneg_float("--hue"), default=0.5, help="hue jitter (MoCo v2: 0.1)")
-    p.add_argument("--gray-p", type=cli.nonneg_float("--gray-p"), default=0.5, help="grayscale probability (MoCo v2: 0.2)")
-    p.add_argument("--queue-size", type=cli.positive_int("--queue-size"), default=512,
-                   help="MoCo queue length (a short queue learns faster in short runs; MoCo v2 uses 65536)")
-    p.add_argument("--temperature", type=cli.positive_float("--temperature"), default=0.2)
-    p.add_argument("--momentum", type=cli.positive_float("--momentum"), default=0.99, help="MoCo key-encoder EMA (start)")
-    p.add_argument("--proj-dim", type=cli.positive_int("--proj-dim"), default=128)
-    p.add_argument("--proj-hidden", type=cli.positive_int("--proj-hidden"), default=512)
-    p.add_argument("--head-bn", action="store_true", help="BatchNorm in the projection head")
-    p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default="sgd")
-    p.add_argument("--lr", type=cli.positive_float("--lr"), default=0.06, help="for a global batch of 256")
-    p.add_argument("--weight-decay", type=cli.nonneg_float("--weight-decay"), default=5e-4)
-    p.add_argument("--warmup-epochs", type=cli.nonneg_float("--warmup-epochs"), default=1.0)
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    p.add_argument("--max-minutes", type=cli.nonneg_float("--max-minutes"), default=0.0,
-                   help="stop after this much training time (0: no limit)")
-    args = p.parse_args(argv)
-    if args.crop_min > 1:
-        p.error(f"--crop-min must be <= 1, got {args.crop_min}")
-    if args.hue > 0.5 or args.gray_p > 1:
-        p.error("--hue must be <= 0.5 and --gray-p <= 1")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse(argv)
-    ctx = fdist.setup(args.device)
-    try:
-        with fdist.main_first(ctx):
-            train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
-        spec = ModelSpec(arch=args.arch, stem=args.stem, head="moco" if args.method == "moco" else "simsiam",
-                         head_hidden=args.proj_hidden, head_out=args.proj_dim, head_bn=args.head_bn,
-                         predictor_hidden=args.proj_hidden // 2 if args.method == "simsiam" else 0,
-                         input_size=args.input_size)
-        channels_last = ctx.device.type == "cuda"
-        torch.manual_seed(args.seed)  # the initial weights depend on --seed only
-        encoder = Encoder(spec)
-        if args.method == "moco":
-            task = MoCo(encoder, args.queue_size, args.temperature, args.momentum, channels_last, ctx.distributed)
-        else:
-            task = SimSiam(encoder, channels_last)
-        views = ViewConfig(size=args.input_size, scale=(args.crop_min, 1.0), brightness=args.jitter,
-                           contrast=args.jitter, saturation=args.jitter, hue=args.hue, gray_p=args.gray_p)
-        dataset = RandomViewsDataset(train_set, views, args.seed, n_views=2)
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-                          optim=OptimConfig(args.optimizer, args.lr, args.weight_decay, 0.9, args.warmup_epochs),
-                          amp=not args.no_amp, max_minutes=args.max_minutes)
-        # everything is checked: only now the run folder is touched
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("teacher", args.data))
-        config = cli.save_run_config(out, vars(args) | {"out": str(out)}, IDENTITY, ctx.is_main)
-        meta = {"method": args.method, "kind": "ssl_teacher", "dataset": train_set.describe(),
-                "views": views.to_dict(), "config": config, "git_sha": config["git_sha"]}
-        result = train(task, dataset, range(len(train_set)), cfg, ctx, out, meta, desc=f"{args.method} {args.arch}")
-        if ctx.is_main:
-            print(f"teacher: {result.model_path} ({result.epochs_done} epochs, {result.train_seconds / 60:.1f} min, "
-                  f"{result.images_per_s:.0f} img/s)", flush=True)
-    finally:
-        fdist.cleanup()
-    return 0
-
+from fkd_ssl.commands.pretrain_teacher import console, main  # noqa: F401  (main: for callers that import the script)
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    console()

@@ -1,71 +1,13 @@
-"""The whole FKD pipeline in one command, on the built-in synthetic set, on CPU.
+"""The whole FKD pipeline in one command, on the built-in synthetic set, on CPU (``fkd-quickstart``).
 
-Teacher once, students fast, results side by side: a MoCo teacher pretrained here and the
-ImageNet EfficientNet-Lite0 teacher shipped by a PyPI package each fill a target store; FKD
-students train from the stores (no teacher at training time) beside the online-teacher student
-and the student trained by MoCo alone; the supervised variant trains a classifier teacher,
-stores its soft labels and its ReLabel map, and trains FKD, plain-label and ReLabel students.
-Every model is then judged by kNN and a linear probe.  Ends with a table and a figure
-(accuracy vs training time) and ``report.md`` in ``--out``.  Each stage prints the command
-that reproduces it; rerunning resumes (finished stages are skipped).  ``--fast``: smaller
-everything (about 1.5 minutes on 2 cores; what CI runs).  Under ``torchrun`` every rank runs
-every stage (each script is DDP-aware) and rank 0 writes the ledger, table and figure.
+    python experiments/quickstart.py --fast                      # about 1.5 minutes on 2 cores
+    python experiments/quickstart.py                             # the full quick start
+    torchrun --standalone --nproc_per_node=2 experiments/quickstart.py --fast
+
+Flags: ``--help`` (the command is :mod:`fkd_ssl.commands.quickstart`).
 """
 
-from __future__ import annotations
-
-import sys
-import time
-from dataclasses import replace
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fkd_ssl import cli, pipeline  # noqa: E402
-
-
-def parse(argv=None):
-    p = cli.parser(__doc__)
-    cli.add_common_args(p, ("data", "data_root", "out", "workers", "device", "seed"), data=None, workers=1)
-    p.add_argument("--fast", action="store_true", help="tiny data and models: the whole pipeline in ~1.5 minutes")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse(argv)
-    sizes = pipeline.FAST if args.fast else pipeline.FULL
-    if args.data:
-        sizes = replace(sizes, data=args.data)
-    from fkd_ssl import dist as fdist
-    from fkd_ssl.data import build_dataset
-
-    ctx = fdist.setup(args.device)  # under torchrun every rank runs every stage; rank 0 keeps the books
-    try:
-        with fdist.main_first(ctx):
-            for split in ("train", "val"):  # a bad --data fails here, before the output folder is touched
-                build_dataset(sizes.data, split, args.data_root, verbose=ctx.is_main and split == "train")
-        out = Path(args.out or Path("runs") / ("quickstart-fast" if args.fast else "quickstart"))
-        with fdist.main_first(ctx):
-            out = cli.prepare_out_dir(out)
-            config = cli.save_run_config(out, {"data": sizes.data, "data_root": str(args.data_root),
-                                               "fast": args.fast, "device": args.device, "workers": args.workers,
-                                               "seed": args.seed, "sizes": sizes.__dict__, "out": str(out)},
-                                         ("data", "fast", "seed", "sizes"), ctx.is_main)
-        stages = pipeline.plan(out, sizes, str(args.data_root), args.device, args.workers, args.seed)
-        ledger = pipeline.Ledger(out / "pipeline.json", write=ctx.is_main)
-        t0 = time.time()
-        pipeline.run_stages(stages, ledger, log=print if ctx.is_main else (lambda _: None), sync=fdist.barrier)
-        if ctx.is_main:
-            header = (f"# FKD quick start on `{sizes.data}` ({'--fast' if args.fast else 'full'}, device "
-                      f"{args.device}, {ctx.world_size} process(es), git {config['git_sha']})")
-            text = pipeline.summarize(out, stages, ledger, header)
-            print("\n" + text.split("## Commands")[0].rstrip())
-            print(f"\nquick start: {time.time() - t0:.0f} s this run -> {out / 'report.md'}, "
-                  f"{out / 'accuracy_vs_time.png'}", flush=True)
-    finally:
-        fdist.cleanup()
-    return 0
-
+from fkd_ssl.commands.quickstart import console, main  # noqa: F401  (main: for callers that import the script)
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    console()

@@ -1,8 +1,10 @@
-"""The shared command-line vocabulary, run config and error handling of every script.
+"""The shared command-line vocabulary, run config and error handling of every command.
 
-Every script speaks the same flags where they apply (``--data``, ``--data-root``, ``--out``,
-``--epochs``, ``--batch-size``, ``--workers``, ``--device``, ``--seed``, ``--arch``); there is
-no ``--resume``: rerunning a command resumes it.  :func:`run_main` turns user errors
+Every command speaks the same flags where they apply (``--data``, ``--data-root``, ``--out``,
+``--epochs``, ``--batch-size``, ``--workers``, ``--device``, ``--seed``, ``--arch``) in the same
+units (a *sample* is what one training example is: a view with its target for students, an
+image for teachers and probes; an epoch is as many samples as the data set has images); there
+is no ``--resume``: rerunning a command resumes it.  :func:`run_main` turns user errors
 (:class:`~fkd_ssl.errors.FKDError`) into a one-line ``error: ...`` and exit code 2.
 """
 
@@ -12,14 +14,15 @@ import argparse
 import errno
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .errors import ConfigError, FKDError, writing
+from .data.datasets import DEFAULT_DATA_ROOT
+from .errors import ConfigError, FKDError, prepare_out_dir
+from .fileio import atomic_path
 
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
@@ -57,14 +60,14 @@ def nonneg_float(flag: str):
 
 def add_common_args(p: argparse.ArgumentParser, which: Iterable[str] = COMMON, **defaults) -> argparse.ArgumentParser:
     """Add the shared flags named in ``which``; ``defaults`` overrides their default values."""
-    from .data.datasets import DEFAULT_DATA_ROOT
-
     spec = {
         "data": (("--data",), dict(default="synthetic", help="dataset spec: synthetic[:k=v,..], imagefolder:PATH, cifar10:ROOT, cifar100:ROOT, stl10:ROOT")),
         "data_root": (("--data-root",), dict(default=DEFAULT_DATA_ROOT, help="where generated data and caches live")),
         "out": (("--out",), dict(default=None, help="output folder (rerunning the same command resumes it)")),
-        "epochs": (("--epochs",), dict(type=positive_int("--epochs"), default=10)),
-        "batch_size": (("--batch-size",), dict(type=positive_int("--batch-size"), default=256, help="per process")),
+        "epochs": (("--epochs",), dict(type=positive_int("--epochs"), default=10,
+                                        help="training length; one epoch = as many samples as --data has images")),
+        "batch_size": (("--batch-size",), dict(type=positive_int("--batch-size"), default=256,
+                                               help="samples per step, per process")),
         "workers": (("--workers",), dict(type=nonneg_int("--workers"), default=2, help="DataLoader worker processes")),
         "device": (("--device",), dict(default="auto", choices=("auto", "cpu", "cuda"))),
         "seed": (("--seed",), dict(type=nonneg_int("--seed"), default=0)),
@@ -76,6 +79,19 @@ def add_common_args(p: argparse.ArgumentParser, which: Iterable[str] = COMMON, *
             kw = {**kw, "default": defaults[name]}
         p.add_argument(*flags, **kw)
     return p
+
+
+def add_optim_args(p: argparse.ArgumentParser, lr: float, weight_decay: float, warmup_epochs: float) -> None:
+    """The optimizer, schedule and time-limit flags of the training commands."""
+    p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default="sgd")
+    p.add_argument("--lr", type=positive_float("--lr"), default=lr,
+                   help="peak learning rate for a global batch of 256 samples (scaled linearly)")
+    p.add_argument("--weight-decay", type=nonneg_float("--weight-decay"), default=weight_decay)
+    p.add_argument("--warmup-epochs", type=nonneg_float("--warmup-epochs"), default=warmup_epochs,
+                   help="linear warm-up, in epochs")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--max-minutes", type=nonneg_float("--max-minutes"), default=0.0,
+                   help="stop after this much training time (0: no limit)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,20 +173,6 @@ def default_run_dir(kind: str, data: str, *parts: str) -> Path:
     return Path("runs") / f"{kind}-{slug}"
 
 
-def prepare_out_dir(out: str | os.PathLike, flag: str = "--out", error: type[FKDError] = ConfigError) -> Path:
-    """Create a folder a flag names; ``error`` naming the flag if it is a file or not writable."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise error(f"{flag} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise error(f"{flag} {path}: cannot create it ({e.strerror})") from e
-    if not os.access(path, os.W_OK):
-        raise error(f"{flag} {path} is not writable")
-    return path
-
-
 def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_main: bool = True) -> dict:
     """Print the resolved config and write ``config.json``; refuse a run folder made by another config.
 
@@ -190,8 +192,6 @@ def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_ma
             raise ConfigError(f"--out {out} holds a run with other settings ({pairs}); use another --out")
     if is_main:
         print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
-        tmp = path.with_name("config.json.tmp")
-        with writing(path):
+        with atomic_path(path, fsync=False) as tmp:  # rewritten by every rerun: no fsync needed
             tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
-            os.replace(tmp, path)
     return config

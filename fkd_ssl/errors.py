@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 
@@ -57,3 +58,17 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         if code is None:
             raise
         raise OutputError(f"cannot write {path}: {os.strerror(code)}") from e
+
+
+def prepare_out_dir(out: str | os.PathLike, flag: str = "--out", error: type[FKDError] = ConfigError) -> Path:
+    """Create a folder a flag names; ``error`` naming the flag if it is a file or not writable."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"{flag} {path}: cannot create it ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise error(f"{flag} {path} is not writable")
+    return path

@@ -1,7 +1,7 @@
-"""The whole FKD pipeline in one command (``experiments/quickstart.py`` / ``fkd-quickstart``).
+"""The whole FKD pipeline in one command (``fkd-quickstart`` / ``experiments/quickstart.py``).
 
-A *stage* is one run of one of the project's scripts (``experiments/*.py``, ``eval/*.py``) with
-a fixed argument list; :func:`plan` lists them in order:
+A *stage* is one run of one of the project's commands (:mod:`fkd_ssl.commands`) with a fixed
+argument list; :func:`plan` lists them in order:
 
 1. SSL variant: MoCo teacher (``pretrain_teacher.py``) -> stores of the MoCo teacher's
    projections and of the ImageNet EfficientNet-Lite0 teacher's features (``gen_targets.py``)
@@ -15,10 +15,10 @@ a fixed argument list; :func:`plan` lists them in order:
 3. kNN and linear probe of every model, of the EfficientNet-Lite0 teacher as it is, and of the
    random-init and raw-pixel baselines.
 
-Each stage runs in this process through the script's own ``main(argv)``, so what it does is
-exactly what the printed command does.  ``<out>/pipeline.json`` records finished stages
-(their wall time and command): rerunning the quick start skips them and resumes the
-unfinished one (every script resumes its own output).  :func:`summarize` writes the final
+Each stage runs in this process through the command's own ``main(argv)``, so what it does is
+exactly what the printed command (its console script) does.  ``<out>/pipeline.json`` records
+finished stages (their wall time and command): rerunning the quick start skips them and resumes the
+unfinished one (every command resumes its own output).  :func:`summarize` writes the final
 table (kNN / linear top-1, training wall time, views/s, store size) as ``report.md`` and
 ``summary.csv`` and the figure ``accuracy_vs_time.png``.
 """
@@ -26,19 +26,18 @@ table (kNN / linear top-1, training wall time, views/s, store size) as ``report.
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
+import io
 import json
-import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .commands import script_name
 from .errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
+from .fileio import atomic_path, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,8 @@ class Sizes:
     classifier_epochs: int  # views per image
     views_per_image: int  # R
     crops: int  # K
-    student_passes: int  # passes over the images (K views each)
-    batch: int  # views per step
+    student_passes: int  # passes over the images (K views each: K epochs)
+    batch: int  # samples (views, or images for teachers) per step
     queue: int
     head_hidden: int
     label_map_size: int  # side the ReLabel teacher sees the whole image at (ReLabel: above its training size)
@@ -77,10 +76,10 @@ FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t
 
 @dataclass
 class Stage:
-    """One script run. ``model`` / ``store``: what it produces (None if nothing of that kind)."""
+    """One command run. ``model`` / ``store``: what it produces (None if nothing of that kind)."""
 
     name: str
-    script: str
+    command: str  # module of fkd_ssl.commands
     argv: list[str]
     variant: str = ""  # "ssl" / "sup" / "reference" (a teacher not trained here) / "baseline"
     teacher: str = ""
@@ -88,8 +87,9 @@ class Stage:
     store: Path | None = None
     argv_fn: Callable[[dict], list[str]] | None = field(default=None, repr=False)  # extra args from earlier stages
 
-    def command(self, extra: list[str] | None = None) -> str:
-        return " ".join(["python", self.script, *map(shlex.quote, self.argv + (extra or []))])
+    def command_line(self, extra: list[str] | None = None) -> str:
+        """The console-script command a user runs to do this stage."""
+        return " ".join([script_name(self.command), *map(shlex.quote, self.argv + (extra or []))])
 
 
 def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, seed: int = 0,
@@ -106,63 +106,64 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
                      "--input-size", str(z.size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden),
                      "--batch-size", str(z.batch)]
     gen = [*common, "--workers", str(workers), "--views-per-image", str(z.views_per_image)]
+    # distill_ssl's default schedule per image (lr 0.06 per 256 images, one warm-up pass) at K = crops
     ssl_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
-                   "--input-size", str(z.student_size), "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes),
-                   "--batch-size", str(z.batch // z.crops), "--queue-size", str(z.queue * 4),
-                   "--head-hidden", str(z.head_hidden)]
+                   "--input-size", str(z.student_size), "--crops-per-image", str(z.crops), "--epochs",
+                   str(z.student_passes * z.crops), "--batch-size", str(z.batch), "--lr", f"{0.06 / z.crops:g}",
+                   "--warmup-epochs", str(z.crops), "--queue-size", str(z.queue * 4), "--head-hidden", str(z.head_hidden)]
     # one stored crop per step and image: over a few passes K > 1 visits each image too rarely (docs/supervised.md)
     sup_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
                    "--input-size", str(z.student_size), "--batch-size", str(z.batch), "--epochs",
                    str(z.student_passes * z.crops)]
     stages = [
-        Stage("MoCo teacher", "experiments/pretrain_teacher.py",
+        Stage("MoCo teacher", "pretrain_teacher",
               [*teacher_train, "--epochs", str(z.teacher_epochs), "--out", str(t_moco)], "ssl", "moco",
               model=t_moco / "model.safetensors"),
-        Stage("store: MoCo teacher", "experiments/gen_targets.py",
+        Stage("store: MoCo teacher", "gen_targets",
               [*gen, "--teacher", str(t_moco / "model.safetensors"), "--out", str(s_moco)], "ssl", "moco",
               store=s_moco),
-        Stage("store: EfficientNet-Lite0", "experiments/gen_targets.py",
+        Stage("store: EfficientNet-Lite0", "gen_targets",
               [*gen, "--teacher", "effnet-lite0", "--target", "feature", "--view-size", str(z.effnet_view),
                "--batch-size", "128", "--out", str(s_eff)], "ssl", "effnet-lite0", store=s_eff),
-        Stage("FKD student (MoCo store)", "experiments/distill_ssl.py",
+        Stage("FKD student (MoCo store)", "distill_ssl",
               [*ssl_student, "--store", str(s_moco), "--out", str(run / "fkd-moco")], "ssl", "moco",
               model=run / "fkd-moco" / "model.safetensors", store=s_moco),
-        Stage("FKD student (EffNet store)", "experiments/distill_ssl.py",
+        Stage("FKD student (EffNet store)", "distill_ssl",
               [*ssl_student, "--store", str(s_eff), "--out", str(run / "fkd-effnet")], "ssl", "effnet-lite0",
               model=run / "fkd-effnet" / "model.safetensors", store=s_eff),
-        Stage("online-teacher student (MoCo)", "experiments/distill_ssl.py",
+        Stage("online-teacher student (MoCo)", "distill_ssl",
               [*ssl_student, "--store", str(s_moco), "--online-teacher", str(t_moco / "model.safetensors"),
                "--out", str(run / "online-moco")], "ssl", "moco", model=run / "online-moco" / "model.safetensors"),
-        Stage("MoCo alone (student arch, FKD's time)", "experiments/pretrain_teacher.py",
+        Stage("MoCo alone (student arch, FKD's time)", "pretrain_teacher",
               [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem, "--input-size",
                str(z.student_size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size",
                str(z.batch), "--epochs", "100", "--out", str(run / "moco-alone")], "ssl", "none",
               model=run / "moco-alone" / "model.safetensors", argv_fn=_same_time_as(run / "fkd-moco")),
-        Stage("classifier teacher", "experiments/train_classifier.py",
+        Stage("classifier teacher", "train_classifier",
               [*common, "--workers", str(workers), "--arch", z.teacher_arch, "--stem", z.stem, "--input-size",
                str(z.size), "--batch-size", str(z.batch), "--epochs", str(z.classifier_epochs), "--no-val",
                "--out", str(t_cls)], "sup", "classifier", model=t_cls / "model.safetensors"),
-        Stage("store: classifier soft labels", "experiments/gen_targets.py",
+        Stage("store: classifier soft labels", "gen_targets",
               [*gen, "--teacher", str(t_cls / "model.safetensors"), "--out", str(s_cls)], "sup", "classifier",
               store=s_cls),
-        Stage("ReLabel label map", "experiments/gen_label_map.py",
+        Stage("ReLabel label map", "gen_label_map",
               [*common, "--workers", str(workers), "--teacher", str(t_cls / "model.safetensors"), "--input-size",
                str(z.label_map_size), "--out", str(lmap)],
               "sup", "classifier", store=lmap),
-        Stage("FKD student (soft labels)", "experiments/distill_sup.py",
+        Stage("FKD student (soft labels)", "distill_sup",
               [*sup_student, "--store", str(s_cls), "--crops-per-image", "1", "--out", str(run / "sup-fkd")],
               "sup", "classifier", model=run / "sup-fkd" / "model.safetensors", store=s_cls),
-        Stage("store: EfficientNet-Lite0 soft labels", "experiments/gen_targets.py",
+        Stage("store: EfficientNet-Lite0 soft labels", "gen_targets",
               [*gen, "--teacher", "effnet-lite0", "--target", "probs", "--view-size", str(z.effnet_view),
                "--batch-size", "128", "--out", str(s_eff_probs)], "sup", "effnet-lite0", store=s_eff_probs),
-        Stage("FKD student (EffNet soft labels)", "experiments/distill_sup.py",  # a 1000-way ImageNet classifier
+        Stage("FKD student (EffNet soft labels)", "distill_sup",  # a 1000-way ImageNet classifier
               [*sup_student, "--store", str(s_eff_probs), "--crops-per-image", "1", "--out",
                str(run / "sup-fkd-effnet")], "sup", "effnet-lite0", model=run / "sup-fkd-effnet" / "model.safetensors",
               store=s_eff_probs),
-        Stage("plain-label student", "experiments/distill_sup.py",
+        Stage("plain-label student", "distill_sup",
               [*sup_student, "--targets", "hard", "--out", str(run / "sup-plain")], "sup", "none",
               model=run / "sup-plain" / "model.safetensors"),
-        Stage("ReLabel student", "experiments/distill_sup.py",
+        Stage("ReLabel student", "distill_sup",
               [*sup_student, "--targets", "relabel", "--label-map", str(lmap), "--out", str(run / "sup-relabel")],
               "sup", "classifier", model=run / "sup-relabel" / "model.safetensors", store=lmap),
     ]
@@ -190,8 +191,8 @@ def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes, wor
              ("raw pixels", f"pixels:{z.pixels}", [], "baseline", "")]
     evals = []
     for name, ref, extra, variant, teacher in refs:
-        for script in ("eval/knn.py", "eval/linear_probe.py"):
-            evals.append(Stage(f"{'kNN' if 'knn' in script else 'linear probe'}: {name}", script,
+        for command in ("knn", "linear_probe"):
+            evals.append(Stage(f"{'kNN' if command == 'knn' else 'linear probe'}: {name}", command,
                                [*ev, "--checkpoint", ref, "--name", name, *extra,
                                 "--out", str(out / "eval" / _slug(name))], variant, teacher))
     return evals
@@ -204,21 +205,6 @@ def _slug(text: str) -> str:
 # ----------------------------------------------------------------------------- running
 
 
-def load_script(script: str):
-    """The module of ``ROOT/script`` (an ``experiments/`` or ``eval/`` script), imported by path."""
-    path = ROOT / script
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: the quick start runs the scripts of a source checkout "
-                          f"(git clone, then pip install -e .)")
-    folder = str(path.parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(f"fkd_script_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class Ledger:
     """``<out>/pipeline.json``: which stages finished, in how many seconds, with which command."""
 
@@ -227,12 +213,9 @@ class Ledger:
         self.done: dict[str, dict] = json.loads(path.read_text())["stages"] if path.exists() else {}
 
     def record(self, stage: Stage, seconds: float, command: str) -> None:
-        self.done[stage.name] = {"seconds": round(seconds, 2), "command": command, "script": stage.script}
-        if not self.write:
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"stages": self.done}, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        self.done[stage.name] = {"seconds": round(seconds, 2), "command": command}
+        if self.write:
+            write_text_atomic(self.path, json.dumps({"stages": self.done}, indent=1) + "\n")
 
 
 def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] = print,
@@ -245,10 +228,10 @@ def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] =
             log(f"[{i}/{len(stages)}] {stage.name}: done ({ledger.done[stage.name]['seconds']:.0f} s)")
             continue
         extra = stage.argv_fn(ledger.done) if stage.argv_fn else []
-        command = stage.command(extra)
+        command = stage.command_line(extra)
         log(f"[{i}/{len(stages)}] {stage.name}\n  $ {command}")
         t0 = time.time()
-        code = load_script(stage.script).main(stage.argv + extra)
+        code = importlib.import_module(f"fkd_ssl.commands.{stage.command}").main(stage.argv + extra)
         if code:
             raise ConfigError(f"stage '{stage.name}' failed (exit {code}): {command}")
         sync()
@@ -288,7 +271,7 @@ def summary_rows(out: Path, stages: list[Stage]) -> list[dict]:
     rows = []
     named = [(s.name, s) for s in stages if s.model is not None]
     trained = {n for n, _ in named}
-    evaluated = {s.name.split(": ", 1)[1]: s for s in stages if s.script.startswith("eval/")}
+    evaluated = {s.name.split(": ", 1)[1]: s for s in stages if s.command in ("knn", "linear_probe")}
     z_names = [n for n in evaluated if n not in trained]  # the references and baselines, in plan order
     z_names += sorted({r["model"] for r in results} - trained - set(z_names))  # results of other runs
     for name, s in named + [(n, None) for n in z_names]:
@@ -368,21 +351,20 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
     handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(labels) + 2) // 3), 1, 1))
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def summarize(out: Path, stages: list[Stage], ledger: Ledger, header: str) -> str:
     """Write ``report.md``, ``summary.csv`` and ``accuracy_vs_time.png`` in ``out``; returns the markdown."""
     rows = summary_rows(out, stages)
-    with open(out / "summary.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(out / "summary.csv.tmp", out / "summary.csv")
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out / "summary.csv", table.getvalue())
     plot_summary(rows, out / "accuracy_vs_time.png")
     total = sum(v["seconds"] for v in ledger.done.values())
     md = [header, "", render_summary(rows), f"Pipeline wall time: {total / 60:.1f} min over {len(ledger.done)} stages "
@@ -390,14 +372,5 @@ def summarize(out: Path, stages: list[Stage], ledger: Ledger, header: str) -> st
           "## Commands", ""]
     md += [f"- {name}: `{v['command']}` ({v['seconds']:.0f} s)" for name, v in ledger.done.items()]
     text = "\n".join(md) + "\n"
-    tmp = out / "report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    write_text_atomic(out / "report.md", text)
     return text
-
-
-def console_main() -> None:
-    """``fkd-quickstart``: ``experiments/quickstart.py`` as a console script (source checkouts)."""
-    from .cli import run_main
-
-    run_main(load_script("experiments/quickstart.py").main)

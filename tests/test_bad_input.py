@@ -1,7 +1,7 @@
 """Bad input at every entry point (issue 7 §3): each case exits non-zero with one ``error: ...``
 line naming the file, folder or flag at fault, no traceback, and no finished output damaged.
 
-Most cases run in-process through the scripts' own ``main`` under :func:`fkd_ssl.cli.run_main`
+Most cases run in-process through the commands' own ``main`` under :func:`fkd_ssl.cli.run_main`
 (what ``python <script>`` runs); a few real subprocesses prove the command line prints no
 traceback.  The matrix these tests cover is written up in ``docs/bad_input.md``; set
 ``FKD_BAD_INPUT_MATRIX=<file.json>`` to dump every error line the tests saw.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -49,29 +48,15 @@ def _dump_matrix():
 
 # ----------------------------------------------------------------------------- running scripts in-process
 
-_MODULES: dict[str, object] = {}
-SCRIPTS = {
-    "pretrain": "experiments/pretrain_teacher.py", "gen_targets": "experiments/gen_targets.py",
-    "distill_ssl": "experiments/distill_ssl.py", "train_classifier": "experiments/train_classifier.py",
-    "distill_sup": "experiments/distill_sup.py", "gen_label_map": "experiments/gen_label_map.py",
-    "quickstart": "experiments/quickstart.py", "knn": "eval/knn.py", "linear_probe": "eval/linear_probe.py",
-    "report": "eval/report.py", "store": "fkd_ssl.store",
-}
+#: case name -> command module (fkd_ssl.commands.<module>, the console script fkd-<module>)
+COMMANDS = {"pretrain": "pretrain_teacher", "gen_targets": "gen_targets", "distill_ssl": "distill_ssl",
+            "train_classifier": "train_classifier", "distill_sup": "distill_sup", "gen_label_map": "gen_label_map",
+            "quickstart": "quickstart", "knn": "knn", "linear_probe": "linear_probe", "report": "report",
+            "store": "store"}
 
 
 def _module(name: str):
-    if name not in _MODULES:
-        if name == "store":
-            _MODULES[name] = importlib.import_module("fkd_ssl.store.__main__")
-        else:
-            path = ROOT / SCRIPTS[name]
-            if str(path.parent) not in sys.path:
-                sys.path.insert(0, str(path.parent))  # train_classifier imports its sibling distill_sup
-            spec = importlib.util.spec_from_file_location(f"bad_input_{path.stem}", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            _MODULES[name] = mod
-    return _MODULES[name]
+    return importlib.import_module(f"fkd_ssl.commands.{COMMANDS[name]}")
 
 
 @dataclass
@@ -225,7 +210,7 @@ def base_args(w, script: str, out: Path, data: str | None = None) -> list:
                      "--proj-dim", "16", "--proj-hidden", "32"],
         "gen_targets": _gen_args(w, data, w.teacher, out),
         "distill_ssl": ["--data", data, *r, "--store", w.store, "--out", out, *small, "--crops-per-image", "2",
-                        "--batch-size", "4", "--epochs", "1", "--head-hidden", "32", "--queue-size", "8"],
+                        "--batch-size", "8", "--epochs", "2", "--head-hidden", "32", "--queue-size", "8"],
         "distill_sup": ["--targets", "hard", "--data", data, *r, "--out", out, *small, "--batch-size", "4",
                         "--epochs", "1", "--no-val"],
         "train_classifier": ["--data", data, *r, "--out", out, *small, "--batch-size", "4", "--epochs", "1", "--no-val"],
@@ -306,7 +291,7 @@ def test_corrupt_image_in_a_dataloader_worker_prints_one_line(w, tmp_path):
     """With --workers 1 the error crosses a DataLoader worker; the real CLI still prints one line."""
     args = [str(a) for a in base_args(w, "pretrain", tmp_path / "o", w.corrupt["garbage"])]
     args[args.index("--workers") + 1] = "1"
-    res = run_script(SCRIPTS["pretrain"], *args)
+    res = run_script("experiments/pretrain_teacher.py", *args)
     fails(Result(res.returncode, res.stdout, res.stderr), str(w.bad_file["garbage"]), "cannot decode image",
           case="pretrain | corrupt image, --workers 1 (subprocess)")
 
@@ -347,7 +332,7 @@ def test_checkpoint_of_the_wrong_kind(capsys, w, tmp_path, script, flag, extra):
 
 
 def test_checkpoint_errors_through_the_real_cli(w, tmp_path):
-    res = run_script(SCRIPTS["gen_targets"], *[str(a) for a in _gen_args(w, TINY, w.text, tmp_path / "s")])
+    res = run_script("experiments/gen_targets.py", *[str(a) for a in _gen_args(w, TINY, w.text, tmp_path / "s")])
     fails(Result(res.returncode, res.stdout, res.stderr), str(w.text), case="gen_targets --teacher | text file (subprocess)")
 
 
@@ -581,6 +566,7 @@ NUMERIC = [
     ("distill_ssl", ["--epochs", "0"]), ("distill_ssl", ["--batch-size", "-1"]), ("distill_ssl", ["--workers", "-1"]),
     ("distill_ssl", ["--crops-per-image", "0"]), ("distill_ssl", ["--lr", "0"]), ("distill_ssl", ["--queue-size", "-1"]),
     ("distill_ssl", ["--input-size", "0"]), ("distill_ssl", ["--head-dim", "0"]),
+    ("distill_ssl", ["--epochs", "3"]), ("distill_ssl", ["--batch-size", "7"]),  # not whole passes / images at K=2
     ("distill_sup", ["--epochs", "0"]), ("distill_sup", ["--batch-size", "-1"]), ("distill_sup", ["--lr", "0"]),
     ("distill_sup", ["--crops-per-image", "0"]), ("distill_sup", ["--mixup", "-1"]), ("distill_sup", ["--workers", "-1"]),
     ("train_classifier", ["--epochs", "0"]), ("train_classifier", ["--batch-size", "0"]),

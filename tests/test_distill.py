@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -79,17 +79,14 @@ def store_path(tmp_path_factory, data_root, teacher_ckpt) -> Path:
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("distill_ssl_script", ROOT / SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("fkd_ssl.commands.distill_ssl")
 
 
 def _args(data_root, store, out, *extra):
     return ["--data", TINY, "--data-root", str(data_root), *(["--store", str(store)] if store else []),
             "--out", str(out), "--arch", "resnet10t", "--stem", "small", "--input-size", "24", "--crops-per-image",
-            str(K), "--batch-size", "8", "--workers", "0", "--device", "cpu", "--head-hidden", "32", "--queue-size",
-            "16", "--epochs", "1", *extra]
+            str(K), "--batch-size", str(8 * K), "--workers", "0", "--device", "cpu", "--head-hidden", "32",
+            "--queue-size", "16", "--epochs", str(K), *extra]  # samples (views): 8 images per step, one pass
 
 
 # ----------------------------------------------------------------------------- view selection
@@ -300,7 +297,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, data_root, store_pa
 def test_script_store_mode_exports_a_model_the_evaluators_read(tmp_path, data_root, store_path, capsys):
     script = _script()
     out = tmp_path / "fkd"
-    assert script.main(_args(data_root, store_path, out, "--epochs", "4")) == 0
+    assert script.main(_args(data_root, store_path, out, "--epochs", str(4 * K))) == 0
     text = capsys.readouterr().out
     assert "epochs 4-4 reuse them" in text and "student: " in text
     meta = json.loads((out / "model.json").read_text())
@@ -311,10 +308,10 @@ def test_script_store_mode_exports_a_model_the_evaluators_read(tmp_path, data_ro
     model, _ = load_model(out / "model.safetensors")
     assert model.spec.head_out == 16 and model.spec.input_size == 24
     assert model.features(torch.zeros(2, 3, 24, 24)).shape == (2, model.feature_dim)
-    assert script.main(_args(data_root, store_path, out, "--epochs", "4")) == 0  # a rerun: nothing to do
+    assert script.main(_args(data_root, store_path, out, "--epochs", str(4 * K))) == 0  # a rerun: nothing to do
     assert "already trained" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="holds a run with other settings.*loss"):
-        script.main(_args(data_root, store_path, out, "--epochs", "4", "--loss", "seed"))
+        script.main(_args(data_root, store_path, out, "--epochs", str(4 * K), "--loss", "seed"))
 
 
 def test_script_online_teacher_baseline(tmp_path, data_root, store_path, teacher_ckpt):
@@ -360,11 +357,12 @@ def test_torchrun_two_processes(tmp_path, data_root, store_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / SCRIPT), *_args(data_root, store_path, out, "--batch-size", "4", "--ssl", "moco")],
+                          str(ROOT / SCRIPT), *_args(data_root, store_path, out, "--batch-size", str(4 * K), "--ssl",
+                                                     "moco")],
                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("student: ") == 1  # only rank 0 reports and writes
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 40 // 8 and rows[-1]["negatives"] > 15  # the queue holds both ranks' targets
     meta = json.loads((out / "model.json").read_text())
-    assert meta["config"]["batch_size"] == 4 and meta["epochs"] == 1 and meta["method"] == "fkd_ssl"
+    assert meta["config"]["batch_size"] == 4 * K and meta["epochs"] == 1 and meta["method"] == "fkd_ssl"

@@ -24,7 +24,10 @@ def test_teacher_store_student_eval(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     store = next((tmp_path / "runs").glob("store-*"))
     assert json.loads((store / "manifest.json").read_text())["identity"]["views"]["hue"] == 0.5  # teacher's views
-    res = run_script("experiments/distill_ssl.py", *root, *small, "--crops-per-image", "2", cwd=tmp_path)
+    # the student counts samples (views): 2 passes at K = 2, 16 images x 2 views per step
+    student_args = ["--arch", "resnet10t", "--input-size", "32", "--crops-per-image", "2", "--batch-size", "32",
+                    "--epochs", "4", "--lr", "0.03", "--warmup-epochs", "2"]
+    res = run_script("experiments/distill_ssl.py", *root, *student_args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     student = next((tmp_path / "runs").glob("distill-*/model.safetensors"))
     assert json.loads(student.with_suffix(".json").read_text())["method"] == "fkd_ssl"

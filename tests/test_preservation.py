@@ -78,9 +78,11 @@ def produce(root: Path, data_root: Path) -> dict:
          "--teacher", str(teacher / "model.safetensors"), "--out", str(store), "--views-per-image", "4",
          "--batch-size", "16", "--shard-size", "16")
     got["store"] = _records_sha(store)
-    # SSL student: today's units are passes over the images and images per step
+    # SSL student, in samples (views): 2 passes x K = 2, 8 images x 2 views per step, lr 0.1 per 256 images
+    # and the one warm-up pass the reference run had
     _run("experiments/distill_ssl.py", *SMALL, *dr, "--out", str(ssl), "--store", str(store), "--input-size", "24",
-         "--epochs", "2", "--batch-size", "8", "--crops-per-image", "2", "--head-hidden", "64", "--lr", "0.1")
+         "--epochs", "4", "--batch-size", "16", "--crops-per-image", "2", "--head-hidden", "64", "--lr", "0.05",
+         "--warmup-epochs", "2")
     got["distill_ssl"] = {"loss": _losses(ssl), "weights": _weights(ssl)}
 
     clf, soft, sup, lmap, rel = (root / n for n in ("clf", "soft", "sup", "lmap", "rel"))

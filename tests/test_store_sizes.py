@@ -4,6 +4,7 @@ the script's current output (so the recipes' numbers cannot drift from the forma
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import subprocess
@@ -190,7 +191,7 @@ def _commands() -> list[tuple[str, str, list[str]]]:
 
 
 def _parse(script: str, args: list[str], monkeypatch):
-    """The script's own argparse result for ``args`` and the exact option strings it knows."""
+    """The command's own argparse result for ``args`` (after its checks) and the exact option strings it knows."""
     import argparse
 
     seen: dict[str, set] = {}
@@ -201,17 +202,9 @@ def _parse(script: str, args: list[str], monkeypatch):
         return original(self, a, namespace)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
-    spec = importlib.util.spec_from_file_location(f"recipe_{Path(script).stem}", ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    if hasattr(mod, "parse"):
-        ns = mod.parse(args)
-    else:  # eval scripts: main() parses, then hands the namespace to run_knn / run_linear_probe
-        name = "run_knn" if hasattr(mod, "run_knn") else "run_linear_probe"
-        monkeypatch.setattr(mod, name, lambda a: a)
-        ns = mod.main(args)
-    return ns, seen["flags"]
+    mod = importlib.import_module(f"fkd_ssl.commands.{Path(script).stem}")
+    monkeypatch.setattr(mod, "run", lambda a: a)  # main(): parse and check, then hand the namespace to run
+    return mod.main(args), seen["flags"]
 
 
 def _check(commands, monkeypatch) -> int:

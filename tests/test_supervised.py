@@ -38,11 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_script(name: str):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"fkd_ssl.commands.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import DataError
+from ..errors import DataError, prepare_out_dir
 
 CLASSES = ("stripes", "checker", "dots", "rings", "zigzag", "grid", "blobs", "bricks", "sunburst", "waves")
 
@@ -244,7 +244,6 @@ def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) 
 
 def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), verbose: bool = True) -> Path:
     """Return the folder of the generated dataset, generating it first if needed."""
-    from ..cli import prepare_out_dir
     from ..progress import bar
 
     root = Path(root).expanduser()
@@ -269,3 +268,17 @@ def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticCo
         if not (final / "manifest.json").is_file():
             raise
     return final
+
+
+def write_photo_jpegs(folder: Path, n: int) -> None:
+    """``n`` photo-like JPEGs of ~500x375 (smooth colour fields + texture, ImageNet's typical size) in
+    four class folders: what the benches decode and crop."""
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = (500, 375) if i % 3 else (375, 500)
+        low = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3)).astype(np.uint8)
+        img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-12, 13, (h, w, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"c{i % 4}" / f"{i}.jpg", quality=90)

@@ -1,0 +1,182 @@
+"""Run a teacher once over R random views of every training image and store its targets.
+
+The store (``--out``) holds, per view, how the view was made (crop box, flip, photometric
+parameters) and what the teacher said (a projection / feature vector or class
+probabilities, packed by ``--codec``), so students replay the views without the teacher.
+Rerunning the same command resumes (only missing images are computed); pointing another
+teacher, sampler, codec or dataset at an existing store is refused unless ``--overwrite``.
+``torchrun --standalone --nproc_per_node=N experiments/gen_targets.py ...`` splits the shards over processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import cli
+from .. import dist as fdist
+from ..data import build_dataset, load_uint8
+from ..errors import ConfigError
+from ..generate import generate
+from ..store import StoreWriter, TargetStore, finalize, make_codec, owned_shards
+from ..store.layout import HEADER
+from ..teacher import TARGET_KINDS, default_views, load_teacher
+from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
+
+FEATURE_CODECS = ("fp32", "fp16", "int8", "pq")
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    cli.add_common_args(p, ("data", "data_root", "out", "batch_size", "workers", "device", "seed"), batch_size=256,
+                        workers=1)
+    p.add_argument("--teacher", default=None,
+                   help="project checkpoint, effnet-lite0/1/2, or a plain timm/torchvision state dict with --arch "
+                        "(default: the teacher pretrain_teacher.py wrote for --data)")
+    p.add_argument("--arch", default=None, help="architecture of a plain state-dict --teacher (tv:<name> for torchvision)")
+    p.add_argument("--target", choices=TARGET_KINDS, default=None,
+                   help="proj (SSL head, default with a head), feature, or probs (classifier softmax)")
+    p.add_argument("--temp", type=cli.positive_float("--temp"), default=1.0, help="softmax temperature for --target probs")
+    p.add_argument("--views-per-image", type=cli.positive_int("--views-per-image"), default=40,
+                   help="R stored views per image (a student using K per step gets R/K epochs of fresh views)")
+    p.add_argument("--codec", choices=("fp32", "fp16", "int8", "pq", "topk"), default=None,
+                   help="target codec (default: fp16 for vectors, topk for probabilities)")
+    p.add_argument("--topk", type=cli.positive_int("--topk"), default=5, help="k for --codec topk")
+    p.add_argument("--topk-mode", choices=("smooth", "renorm"), default="smooth",
+                   help="topk reconstruction: FKD's marginal smoothing or renormalised top-k")
+    p.add_argument("--pq-m", type=cli.positive_int("--pq-m"), default=16, help="sub-quantisers for --codec pq")
+    p.add_argument("--view-size", type=cli.positive_int("--view-size"), default=None,
+                   help="side of the views the teacher sees (default: the teacher's input size)")
+    p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=None,
+                   help="RandomResizedCrop min scale (default: the teacher's training views; 0.2 for other "
+                        "embedding teachers, 0.08 for probs)")
+    p.add_argument("--photometric", choices=("auto", "on", "off"), default="auto",
+                   help="photometric augmentation of the views (auto: as the teacher was trained, MoCo v2's for "
+                        "other embedding teachers, off for probs)")
+    p.add_argument("--shard-size", type=cli.positive_int("--shard-size"), default=4096, help="images per shard file")
+    p.add_argument("--group", type=cli.positive_int("--group"), default=8,
+                   help="images whose views go through the teacher together (fixed, so results are reproducible)")
+    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    p.add_argument("--no-amp", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.crop_min is not None and args.crop_min > 1:
+        p.error(f"--crop-min must be <= 1, got {args.crop_min}")
+    return run(args)
+
+
+def _codec(args, teacher):
+    name = args.codec or ("topk" if teacher.kind == "probs" else "fp16")
+    if teacher.kind == "probs" and name != "topk" and name not in FEATURE_CODECS:
+        raise ConfigError(f"--codec {name} does not apply to probabilities")
+    if name == "topk":
+        if teacher.kind != "probs":
+            raise ConfigError(f"--codec topk needs --target probs (the teacher's target is {teacher.kind})")
+        return make_codec("topk", k=args.topk, num_classes=teacher.dim, mode=args.topk_mode)
+    if name == "pq":
+        return make_codec("pq", M=args.pq_m, seed=args.seed)
+    return make_codec(name)
+
+
+def _pq_sample(teacher, train_set, cfg, seed, R, device, max_views=8192) -> np.ndarray:
+    """Teacher outputs on the first images' views: the deterministic sample PQ trains on."""
+    outs, n = [], 0
+    for i in range(len(train_set)):
+        img, _ = load_uint8(train_set, i)
+        if img is None:  # unreadable: gen_targets records it as skipped
+            continue
+        views = render_views(img, sample_views(cfg, seed, i, range(R), img.shape[1], img.shape[2]), cfg)
+        outs.append(teacher(views.to(device)).cpu().numpy())
+        n += len(views)
+        if n >= max_views:
+            break
+    return np.concatenate(outs)
+
+
+def _default_teacher(args) -> str:
+    """The teacher pretrain_teacher.py wrote for --data (it must exist)."""
+    path = cli.default_run_dir("teacher", args.data) / "model.safetensors"
+    if not path.exists():
+        raise ConfigError(f"no --teacher given and {path} does not exist: run "
+                          f"fkd-pretrain-teacher --data {args.data} first, or pass --teacher")
+    return str(path)
+
+
+def _views(args, teacher) -> ViewConfig:
+    """The teacher's view distribution with the overrides of --view-size, --crop-min, --photometric."""
+    views = default_views(teacher)
+    overrides = {}
+    if args.view_size:
+        overrides["size"] = args.view_size
+    if args.crop_min is not None:
+        overrides["scale"] = (args.crop_min, views.scale[1])
+    if args.photometric != "auto":
+        overrides["photometric"] = args.photometric == "on"
+    return ViewConfig.from_dict({**views.to_dict(), **overrides})
+
+
+def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> StoreWriter:
+    """Create or resume the store on rank 0 (fitting a PQ codec first), then open this rank's shards."""
+    kw = dict(num_images=len(train_set), views_per_image=args.views_per_image, param_dim=VIEW_PARAM_DIM,
+              target_dim=teacher.dim, shard_size=args.shard_size)
+    with fdist.main_first(ctx):
+        if ctx.is_main:
+            fresh = not (out / HEADER).exists() or args.overwrite
+            if fresh and codec.name == "pq":
+                codec.fit(_pq_sample(teacher, train_set, views, args.seed, args.views_per_image, ctx.device))
+            StoreWriter.create_or_resume(out, identity, codec=codec, overwrite=args.overwrite, shards=[], **kw)
+    if ctx.is_main:
+        print("config: " + json.dumps({**vars(args), "identity": identity, "git_sha": cli.git_sha()}, default=str),
+              flush=True)
+    num_shards = -(-len(train_set) // args.shard_size)
+    return StoreWriter.create_or_resume(out, identity, codec=codec,
+                                        shards=owned_shards(num_shards, ctx.rank, ctx.world_size), **kw)
+
+
+def _finish(out, stats, ctx) -> None:
+    """Rank 0: finalize the store once every rank is done and print its summary."""
+    fdist.barrier()
+    if not ctx.is_main:
+        return
+    manifest = finalize(out, timeout_s=600 if ctx.distributed else 0)
+    store = TargetStore.open(out)
+    print(f"store: {out} ({store.num_images} images x {store.views_per_image} views, dim {store.target_dim}, codec "
+          f"{store.codec.name}, {store.nbytes() / 2**20:.1f} MiB, {manifest['num_skipped']} skipped; "
+          f"this run {stats.images} images at {stats.images_per_s:.1f} img/s, {stats.views_per_s:.0f} views/s)",
+          flush=True)
+
+
+def run(args) -> int:
+    ctx = fdist.setup(args.device)
+    try:
+        args.teacher = args.teacher or _default_teacher(args)
+        teacher, teacher_id = load_teacher(args.teacher, args.arch, args.target, args.temp, ctx.device)
+        teacher_name = Path(args.teacher).parent.name if Path(args.teacher).exists() else args.teacher
+        out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, teacher_name))
+        with fdist.main_first(ctx):
+            train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
+        views = _views(args, teacher)
+        identity = {"teacher": teacher_id, "views": views.to_dict(), "seed": args.seed, "group": args.group,
+                    "dataset": {"fingerprint": train_set.fingerprint(), "split": args.split,
+                                "num_classes": train_set.num_classes}}
+        writer = _open_writer(args, out, identity, _codec(args, teacher), teacher, train_set, views, ctx)
+        stats = generate(teacher, train_set, writer, views, args.seed, args.batch_size, args.workers, ctx.device,
+                         args.group, amp=not args.no_amp, show_progress=ctx.is_main)
+        writer.complete_owned()
+        writer.close()
+        _finish(out, stats, ctx)
+    finally:
+        fdist.cleanup()
+    return 0
+
+
+def console() -> None:
+    cli.run_main(main)
