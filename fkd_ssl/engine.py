@@ -250,7 +250,7 @@ class MetricsLog:
         if self.path.exists():
             rows = [r for r in self.path.read_text().splitlines() if r.strip()]
             keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            write_text_atomic(self.path, "".join(r + "\n" for r in keep))
+            write_text_atomic(self.path, "".join(r + "\n" for r in keep), fsync=False)  # a log: no fsync
         try:
             from torch.utils.tensorboard import SummaryWriter
 

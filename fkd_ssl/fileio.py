@@ -61,8 +61,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> bool:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename.
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = False, fsync: bool = True) -> bool:
+    """Write ``data`` to ``path`` via a temporary file, fsync (unless ``fsync`` is False: logs) and rename.
 
     With ``exclusive`` the file is only created if absent (hard link, atomic on a shared
     filesystem) and the return value says whether this call created it.
@@ -74,7 +74,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = F
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
             if exclusive:
                 try:
                     os.link(tmp, path)
@@ -86,7 +87,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = F
                     os.replace(tmp, path)
             else:
                 os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if fsync:
+            fsync_dir(path.parent)
         return True
     finally:
         if tmp.exists():
@@ -102,8 +104,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, exclusive: bool = False
     return write_bytes_atomic(path, canonical_json(obj).encode(), exclusive=exclusive)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
+    write_bytes_atomic(path, text.encode(), fsync=fsync)
 
 
 def read_json(path: Path, what: str = "store file") -> Any:
