@@ -44,21 +44,21 @@ def open_store(path, dataset, flag: str = "--store"):
     from .store import TargetStore
 
     store = TargetStore.open(path)
-    ds_id = store.identity.get("dataset") or {}
+    ds_id = store.identity.dataset or {}
     have, want = ds_id.get("fingerprint"), dataset.fingerprint()
     if have != want or store.num_images != len(dataset):
         raise ConfigError(f"{flag} {path} holds targets for another dataset (fingerprint {have}, "
                           f"{store.num_images} images, split {ds_id.get('split')}) than --data {dataset.name} "
                           f"(fingerprint {want}, {len(dataset)} {dataset.split} images); make a store for this data "
                           f"with experiments/gen_targets.py --data {dataset.name}")
-    if "views" not in store.identity:
+    if store.identity.views is None:
         raise ConfigError(f"{flag} {path} does not record the views its teacher saw (not made by gen_targets.py)")
     return store
 
 
 def store_views(store) -> ViewConfig:
     """The view distribution the store's teacher saw (``size`` = the teacher's view side)."""
-    return ViewConfig.from_dict(store.identity["views"])
+    return ViewConfig.from_dict(store.identity.views)
 
 
 def check_head_dim(head_dim: int | None, target_dim: int, what: str = "the store's targets") -> int:

@@ -67,7 +67,7 @@ class TrainingData:
 
 def _open_store(src: Source, train_set):
     store = open_store(src.store, train_set)
-    held = store.identity["teacher"].get("target")
+    held = store.identity.teacher.get("target")
     if src.kind is not None and held != src.kind:
         raise ConfigError(f"--store {Path(src.store).resolve()} holds {held} targets, not "
                           f"{KIND_NAMES.get(src.kind, src.kind)}: make it with gen_targets.py and a classifier --teacher")
@@ -77,7 +77,7 @@ def _open_store(src: Source, train_set):
 def _online_teacher(src: Source, store, ctx):
     from .teacher import load_teacher
 
-    made_by = store.identity["teacher"] if store is not None else {}
+    made_by = store.identity.teacher if store is not None else {}
     kind = src.kind or made_by.get("target")
     temp = src.temp or made_by.get("temp") or 1.0
     teacher, teacher_id = load_teacher(src.teacher, src.teacher_arch, kind, temp, ctx.device)
@@ -102,7 +102,7 @@ def build_training_data(src: Source, train_set, ctx, k: int, seed: int, input_si
     """The run's views and targets: stored views with stored targets, stored or fresh views for
     an online teacher, fresh crops on a label map, or fresh crops with the dataset's labels."""
     store = _open_store(src, train_set) if src.store else None
-    maps, teacher, teacher_id = None, None, store.identity["teacher"] if store is not None else None
+    maps, teacher, teacher_id = None, None, store.identity.teacher if store is not None else None
     if src.label_map:
         from .relabel import LabelMaps
 

@@ -302,7 +302,7 @@ def test_script_store_mode_exports_a_model_the_evaluators_read(tmp_path, data_ro
     assert "epochs 4-4 reuse them" in text and "student: " in text
     meta = json.loads((out / "model.json").read_text())
     assert meta["method"] == "fkd_ssl" and meta["loss"] == "infonce" and meta["epochs"] == 4
-    assert meta["teacher_hash"] == TargetStore.open(store_path).identity["teacher"]["hash"]
+    assert meta["teacher_hash"] == TargetStore.open(store_path).identity.teacher["hash"]
     assert meta["store"]["views_per_image"] == R and meta["store"]["identity"]["dataset"]["fingerprint"]
     assert meta["views"]["size"] == 24 and meta["teacher_views"]["size"] == 32
     model, _ = load_model(out / "model.safetensors")

@@ -328,7 +328,7 @@ def test_import_export_import_round_trip(tmp_path, data):
     assert '"complete": true' in marker and f"marginal_smoothing_k{K}" in marker
     assert _import(exported, data, b) == 0
     assert _records(b) == _records(a)  # the same views and labels, byte for byte
-    ta, tb = TargetStore.open(a).identity, TargetStore.open(b).identity
+    ta, tb = TargetStore.open(a).identity.to_dict(), TargetStore.open(b).identity.to_dict()
     assert {k: v for k, v in ta.items() if k != "teacher"} == {k: v for k, v in tb.items() if k != "teacher"}
 
     # a finished export is left alone; another one into the same folder is refused

@@ -109,7 +109,7 @@ def test_task_targets_per_mode(data_root, soft_store, classifier):
     store = TargetStore.open(soft_store)
     ds = build_dataset(TINY, "train", data_root, verbose=False)
     teacher, _ = load_teacher(str(classifier), kind="probs")
-    data = ReplayDataset(ds, StoreViews(store, 2, 0), ViewConfig.from_dict(store.identity["views"]), 32,
+    data = ReplayDataset(ds, StoreViews(store, 2, 0), ViewConfig.from_dict(store.identity.views), 32,
                          render_teacher=True)
     batch = default_collate([data[(i, 0)] for i in (0, 5, 9)])
     student = build_classifier("resnet10t", "small", 32, 10)

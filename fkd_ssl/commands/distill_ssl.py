@@ -137,7 +137,7 @@ def _meta(args, data: TrainingData, train_set, config: dict, mode: str) -> dict:
     return {"method": "fkd_ssl" if mode == "store" else f"kd_{mode.replace('-', '_')}", "kind": "ssl_student",
             "targets": mode, "loss": args.loss, "ssl": args.ssl, "crops_per_image": args.crops_per_image,
             "teacher": data.teacher_id, "teacher_hash": (data.teacher_id or {}).get("hash"),
-            "store": ({"path": str(args.store), "id": config["store_id"], "identity": store.identity,
+            "store": ({"path": str(args.store), "id": config["store_id"], "identity": store.identity.to_dict(),
                        "views_per_image": store.views_per_image, "target_dim": store.target_dim,
                        "codec": store.codec.name} if store is not None else None),
             "dataset": train_set.describe(), "views": data.dataset.student_cfg.to_dict(),

@@ -21,7 +21,7 @@ from .. import dist as fdist
 from ..data import build_dataset, load_uint8
 from ..errors import ConfigError
 from ..generate import generate
-from ..store import StoreWriter, TargetStore, finalize, make_codec, owned_shards
+from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from ..store.layout import HEADER
 from ..teacher import TARGET_KINDS, default_views, load_teacher
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
@@ -134,7 +134,7 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
                 codec.fit(_pq_sample(teacher, train_set, views, args.seed, args.views_per_image, ctx.device))
             StoreWriter.create_or_resume(out, identity, codec=codec, overwrite=args.overwrite, shards=[], **kw)
     if ctx.is_main:
-        print("config: " + json.dumps({**vars(args), "identity": identity, "git_sha": cli.git_sha()}, default=str),
+        print("config: " + json.dumps({**vars(args), "identity": identity.to_dict(), "git_sha": cli.git_sha()}, default=str),
               flush=True)
     num_shards = -(-len(train_set) // args.shard_size)
     return StoreWriter.create_or_resume(out, identity, codec=codec,
@@ -164,9 +164,9 @@ def run(args) -> int:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
         views = _views(args, teacher)
-        identity = {"teacher": teacher_id, "views": views.to_dict(), "seed": args.seed, "group": args.group,
-                    "dataset": {"fingerprint": train_set.fingerprint(), "split": args.split,
-                                "num_classes": train_set.num_classes}}
+        identity = StoreIdentity(teacher=teacher_id, views=views.to_dict(), seed=args.seed, group=args.group,
+                                   dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
+                                            "num_classes": train_set.num_classes})
         writer = _open_writer(args, out, identity, _codec(args, teacher), teacher, train_set, views, ctx)
         stats = generate(teacher, train_set, writer, views, args.seed, args.batch_size, args.workers, ctx.device,
                          args.group, amp=not args.no_amp, show_progress=ctx.is_main)

@@ -8,15 +8,12 @@ from typing import Any
 from .layout import normalise
 
 
-@dataclass(frozen=True, eq=False)
-class StoreIdentity(dict):
+@dataclass(frozen=True)
+class StoreIdentity:
     """A store's identity: ``teacher`` (its name, checkpoint hash, target kind, ...), ``views``
     (the view sampler's config), ``seed``, ``group`` (teacher batch grouping), ``dataset``
     (fingerprint, split, classes) and ``extra``: the other keys a kind of store records (an FKD
     import's ``geometry``, label maps' ``maps``).  Fields left None are not recorded.
-
-    It is also the dict :meth:`to_dict` returns (read-only by convention), so JSON writers and
-    ``identity["teacher"]`` keep working; compare and serialise it as that dict.
     """
 
     teacher: Any = None
@@ -25,9 +22,6 @@ class StoreIdentity(dict):
     group: int | None = None
     dataset: Any = None
     extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        dict.update(self, self.to_dict())
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -41,4 +35,5 @@ class StoreIdentity(dict):
     @classmethod
     def of(cls, identity: "StoreIdentity | dict") -> "StoreIdentity":
         """``identity`` as it reads back from JSON (tuples -> lists); ConfigError if not JSON-able."""
-        return cls.from_dict(normalise(dict(identity), "store identity"))
+        return cls.from_dict(normalise(identity.to_dict() if isinstance(identity, cls) else identity,
+                                       "store identity"))

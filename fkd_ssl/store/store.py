@@ -104,11 +104,11 @@ class TargetStore:
     def check_identity(self, expected: dict) -> None:
         """ConfigError naming every key of ``expected`` whose value differs from the store's
         identity (nested dicts compared key by key; keys absent from ``expected`` are ignored)."""
-        want = L.normalise(expected, "expected identity")
-        have = {k: self.identity.get(k) for k in want} if isinstance(want, dict) else self.identity
+        want, ident = L.normalise(expected, "expected identity"), self.identity.to_dict()
+        have = {k: ident.get(k) for k in want} if isinstance(want, dict) else ident
         diff = L.diff_keys(_restrict(have, want), want)
         if diff:
-            shown = ", ".join(f"{d}: {L.get_dotted(self.identity, d)!r} (expected {L.get_dotted(want, d)!r})"
+            shown = ", ".join(f"{d}: {L.get_dotted(ident, d)!r} (expected {L.get_dotted(want, d)!r})"
                               for d in diff[:4])
             raise ConfigError(f"target store {self.path} was made for other settings: {shown}")
 
