@@ -14,6 +14,8 @@ experiments/distill_ssl.py ...`` trains with DDP.
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from ..training_data import Source, TrainingData, build_training_data, train_con
 #: settings that define a run: changing one needs another --out
 IDENTITY = ("data", "store", "store_id", "online_teacher", "online_replay", "arch", "stem", "input_size",
             "crops_per_image", "loss", "temperature", "tau", "seed_tau_t", "seed_tau_s", "queue_size",
-            "multi_positive", "ssl", "ssl_weight", "ssl_queue_size", "ssl_temperature", "ssl_momentum", "head_hidden",
+            "multi_positive", "center", "ssl", "ssl_weight", "ssl_queue_size", "ssl_temperature", "ssl_momentum", "head_hidden",
             "head_dim", "predictor_hidden", "extra_aug", "fast_decode", "epochs", "batch_size", "seed", "optimizer",
             "lr", "weight_decay", "warmup_epochs")
 
@@ -62,6 +64,9 @@ def build_parser():
                    help="SEED student temperature")
     p.add_argument("--queue-size", type=cli.nonneg_int("--queue-size"), default=4096,
                    help="earlier teacher targets kept as negatives (infonce) / reference points (seed)")
+    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=False,
+                   help="subtract an EMA of the mean target first (DINO's centring; pretrained features share a "
+                        "large common direction)")
     p.add_argument("--multi-positive", action="store_true",
                    help="infonce: the other views of the same image are positives too")
     p.add_argument("--ssl", choices=SSL_METHODS, default="none",
@@ -124,7 +129,7 @@ def _training_data(args, train_set, ctx) -> TrainingData:
 
 def _task(args, data: TrainingData, ctx) -> DistillTask:
     loss = DistillLoss(args.loss, data.target_dim, args.temperature, args.tau, args.seed_tau_t, args.seed_tau_s,
-                       args.queue_size, args.multi_positive, data.probs)
+                       args.queue_size, args.multi_positive, data.probs, args.center)
     torch.manual_seed(args.seed)  # the student's initial weights depend on --seed only
     student = build_student(args.arch, args.stem, args.input_size, data.target_dim, args.head_hidden,
                             args.predictor_hidden)

@@ -1,0 +1,156 @@
+"""FKD's crops-per-image ablation: K = 1, 2, 4, 8 stored views per decoded image at equal views.
+
+Both variants, each student trained by its own command with the same flags but
+``--crops-per-image``: the same ``--epochs`` (views per image) and ``--batch-size`` (views per
+step), so every K sees the same number of views and optimizer steps; K only changes how many
+of them come from one decoded image (one pass over the images is K epochs).  Supervised: a
+classifier teacher trained here, its top-5 soft labels in a store, students judged by val
+top-1 of their own classifier.  Self-supervised: the ImageNet EfficientNet-Lite0 teacher's
+features in a store, students judged by kNN (k = 20).  Seconds per epoch = each run's training
+time / its epochs, measured one run after another in this process (run it alone).  Writes a
+markdown table and a plot; rerunning skips finished runs.
+
+    python bench/bench_crops.py                                  # ~35 min on 2 CPU cores
+    python bench/bench_crops.py --sup-epochs 8 --ssl-epochs 8    # the short schedule
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fkd_ssl.commands import distill_ssl, distill_sup, gen_targets, knn, train_classifier
+
+
+def _call(main, argv: list[str]) -> None:
+    if main([str(a) for a in argv]):
+        raise SystemExit(f"failed: {main.__module__} {' '.join(map(str, argv))}")
+
+
+def _meta(run: Path) -> dict:
+    return json.loads((run / "model.json").read_text())
+
+
+def _last(run: Path, key: str) -> float:
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if key in r]
+    return float(rows[-1][key])
+
+
+def _knn20(run: Path, common: list[str]) -> float:
+    _call(knn.main, [*common, "--checkpoint", run / "model.safetensors", "--out", run / "knn", "--k", "20",
+                     "--majority-k", "none"])
+    return float(json.loads((run / "knn" / "knn.json").read_text())["results"][0]["top1"])
+
+
+def sup_rows(a, common: list[str], out: Path) -> list[dict]:
+    teacher, store = out / "classifier", out / "store-soft"
+    _call(train_classifier.main, [*common, "--arch", a.arch, "--input-size", a.size, "--epochs", a.teacher_epochs,
+                                  "--label-smoothing", "0", "--batch-size", a.batch, "--out", teacher])
+    _call(gen_targets.main, [*common, "--teacher", teacher / "model.safetensors", "--views-per-image", a.views,
+                             "--out", store])
+    rows = [{"variant": "sup", "K": "teacher", "acc": _last(teacher, "val_top1"), "s_per_epoch": None}]
+    for k in a.crops:
+        run = out / f"sup-k{k}"
+        _call(distill_sup.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.size,
+                                 "--crops-per-image", k, "--epochs", a.sup_epochs, "--batch-size", a.batch,
+                                 "--lr", a.sup_lr, "--out", run])
+        rows.append({"variant": "sup", "K": k, "acc": _last(run, "val_top1"),
+                     "s_per_epoch": _meta(run)["train_seconds"] / a.sup_epochs})
+    return rows
+
+
+def ssl_rows(a, common: list[str], out: Path) -> list[dict]:
+    store = out / "store-effnet"
+    _call(gen_targets.main, [*common, "--teacher", "effnet-lite0", "--target", "feature", "--view-size",
+                             a.effnet_view, "--views-per-image", a.views, "--out", store])
+    rows = []
+    for k in a.crops:
+        run = out / f"ssl-k{k}"
+        _call(distill_ssl.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.ssl_size,
+                                 "--crops-per-image", k, "--epochs", a.ssl_epochs, "--batch-size", a.batch,
+                                 "--out", run])
+        rows.append({"variant": "ssl", "K": k, "acc": _knn20(run, common),
+                     "s_per_epoch": _meta(run)["train_seconds"] / a.ssl_epochs})
+    return rows
+
+
+def render(rows: list[dict], a) -> str:
+    lines = ["| variant | K | accuracy | s / epoch | vs K = 1 |", "|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["variant"] == r["variant"] and b["K"] == 1), None)
+        speed = (f"{base['s_per_epoch'] / r['s_per_epoch']:.2f}x faster" if base and r["s_per_epoch"] else "")
+        sec = f"{r['s_per_epoch']:.2f}" if r["s_per_epoch"] else "—"
+        what = "val top-1" if r["variant"] == "sup" else "kNN top-1"
+        lines.append(f"| {r['variant']} ({what}) | {r['K']} | {r['acc']:.1f} | {sec} | {speed} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, variant, label in ((axes[0], "sup", "val top-1 (%)"), (axes[1], "ssl", "kNN top-1 (%)")):
+        rs = [r for r in rows if r["variant"] == variant and r["K"] != "teacher"]
+        if not rs:
+            continue
+        ks = [r["K"] for r in rs]
+        ax.plot(ks, [r["acc"] for r in rs], "o-", color="C0", label="accuracy")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("crops per decoded image (K), equal views")
+        ax.set_ylabel(label, color="C0")
+        tw = ax.twinx()
+        tw.plot(ks, [r["s_per_epoch"] for r in rs], "s--", color="C1", label="s / epoch")
+        tw.set_ylabel("seconds per epoch", color="C1")
+        ax.set_title("supervised (soft labels)" if variant == "sup" else "self-supervised (features)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="synthetic:train=2000,val=500")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-crops"))
+    p.add_argument("--crops", default="1,2,4,8", help="the K values (comma-separated)")
+    p.add_argument("--variants", default="sup,ssl")
+    p.add_argument("--arch", default="resnet10t")
+    p.add_argument("--size", type=int, default=48, help="classifier teacher and supervised student side")
+    p.add_argument("--ssl-size", type=int, default=32, help="self-supervised student side")
+    p.add_argument("--effnet-view", type=int, default=48)
+    p.add_argument("--views", type=int, default=8, help="R stored views per image")
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--sup-epochs", type=int, default=24)
+    p.add_argument("--ssl-epochs", type=int, default=16)
+    p.add_argument("--sup-lr", type=float, default=0.1, help="per 256 views")
+    p.add_argument("--batch", type=int, default=128, help="views per step")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--doc", type=Path, default=None, help="also write the table and plot here (docs/)")
+    a = p.parse_args(argv)
+    a.crops = [int(k) for k in a.crops.split(",")]
+    common = ["--data", a.data, "--workers", a.workers, "--device", a.device, "--seed", 0]
+    if a.data_root:
+        common += ["--data-root", a.data_root]
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if "sup" in a.variants:
+        rows += sup_rows(a, common, a.out)
+    if "ssl" in a.variants:
+        rows += ssl_rows(a, common, a.out)
+    table = render(rows, a)
+    print(table)
+    (a.out / "crops.md").write_text(table + "\n")
+    plot(rows, a.out / "crops.png")
+    if a.doc:
+        a.doc.mkdir(parents=True, exist_ok=True)
+        plot(rows, a.doc / "crops_ablation.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
