@@ -162,6 +162,26 @@ def test_distill_loss_seed_queue_and_evaluation_mode():
     assert int(loss.queue.filled) == 8  # evaluation does not enqueue
 
 
+def test_target_center_is_an_ema_of_the_batch_means_and_frozen_in_eval():
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(size=(5, 4)) + 2.0 for _ in range(3)]  # a large common direction
+    c = L.TargetCenter(4, momentum=0.9).double()
+    center = None
+    for b in batches:
+        center = b.mean(0) if center is None else 0.9 * center + 0.1 * b.mean(0)
+        out = c(torch.from_numpy(b)).numpy()
+        np.testing.assert_allclose(out, _unit(b - center), rtol=1e-12)
+    c.eval()  # evaluation uses the centre, never moves it
+    np.testing.assert_allclose(c(torch.from_numpy(batches[0])).numpy(), _unit(batches[0] - center), rtol=1e-12)
+    assert set(c.state_dict()) == {"center", "started"}  # saved with the training state
+
+
+def test_centring_is_off_for_class_probabilities_and_by_default():
+    assert L.DistillLoss("cosine", 8).center is None
+    assert L.DistillLoss("soft-ce", 8, probs=True, center=True).center is None
+    assert isinstance(L.DistillLoss("cosine", 8, center=True).center, L.TargetCenter)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="infonce", dim=10, probs=True), "needs embedding targets"),
     (dict(name="nope", dim=10), "--loss 'nope'"),
