@@ -43,6 +43,34 @@ def _knn20(run: Path, common: list[str]) -> float:
     return float(json.loads((run / "knn" / "knn.json").read_text())["results"][0]["top1"])
 
 
+def bn_recalibrated_top1(run: Path, data: str, data_root: str | None, images: int = 1024) -> float:
+    """Val top-1 after recomputing the student's BatchNorm statistics on batches of single random
+    crops of distinct images (a K > 1 run estimated them on batches of K crops per image)."""
+    import torch
+    from torch import nn
+
+    from fkd_ssl.checkpoint import load_model
+    from fkd_ssl.data import build_dataset
+    from fkd_ssl.supervised import classifier_accuracy
+    from fkd_ssl.views import RandomViewsDataset, ViewConfig, normalize
+
+    model, _ = load_model(run / "model.safetensors")
+    train, val = (build_dataset(data, split, data_root, verbose=False) for split in ("train", "val"))
+    crops = RandomViewsDataset(train, ViewConfig(size=model.spec.input_size, scale=(0.08, 1.0), photometric=False),
+                               seed=7, n_views=1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+    model.train()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:images].tolist()
+    with torch.no_grad():
+        for b in range(0, len(order), 128):
+            x = torch.cat([crops[(i, 0)].views for i in order[b:b + 128]])
+            model.logits(normalize(x, model.spec.mean, model.spec.std))
+    return classifier_accuracy(model, val)["val_top1"]
+
+
 def sup_rows(a, common: list[str], out: Path) -> list[dict]:
     teacher, store = out / "classifier", out / "store-soft"
     _call(train_classifier.main, [*common, "--arch", a.arch, "--input-size", a.size, "--epochs", a.teacher_epochs,
@@ -51,11 +79,12 @@ def sup_rows(a, common: list[str], out: Path) -> list[dict]:
                              "--out", store])
     rows = [{"variant": "sup", "K": "teacher", "acc": _last(teacher, "val_top1"), "s_per_epoch": None}]
     for k in a.crops:
-        run = out / f"sup-k{k}"
+        run = out / f"sup-k{k}-e{a.sup_epochs}-b{a.batch}-lr{a.sup_lr}-w{a.sup_warmup}"
         _call(distill_sup.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.size,
                                  "--crops-per-image", k, "--epochs", a.sup_epochs, "--batch-size", a.batch,
-                                 "--lr", a.sup_lr, "--out", run])
+                                 "--lr", a.sup_lr, "--warmup-epochs", a.sup_warmup, "--out", run])
         rows.append({"variant": "sup", "K": k, "acc": _last(run, "val_top1"),
+                     "bn": bn_recalibrated_top1(run, a.data, a.data_root) if a.bn else None,
                      "s_per_epoch": _meta(run)["train_seconds"] / a.sup_epochs})
     return rows
 
@@ -66,7 +95,7 @@ def ssl_rows(a, common: list[str], out: Path) -> list[dict]:
                              a.effnet_view, "--views-per-image", a.views, "--out", store])
     rows = []
     for k in a.crops:
-        run = out / f"ssl-k{k}"
+        run = out / f"ssl-k{k}-e{a.ssl_epochs}-b{a.batch}"
         _call(distill_ssl.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.ssl_size,
                                  "--crops-per-image", k, "--epochs", a.ssl_epochs, "--batch-size", a.batch,
                                  "--out", run])
@@ -76,13 +105,16 @@ def ssl_rows(a, common: list[str], out: Path) -> list[dict]:
 
 
 def render(rows: list[dict], a) -> str:
-    lines = ["| variant | K | accuracy | s / epoch | vs K = 1 |", "|---|---|---|---|---|"]
+    bn = any(r.get("bn") is not None for r in rows)
+    lines = ["| variant | K | accuracy | " + ("BN recomputed | " if bn else "") + "s / epoch | vs K = 1 |",
+             "|---|---|---|" + ("---|" if bn else "") + "---|---|"]
     for r in rows:
         base = next((b for b in rows if b["variant"] == r["variant"] and b["K"] == 1), None)
         speed = (f"{base['s_per_epoch'] / r['s_per_epoch']:.2f}x faster" if base and r["s_per_epoch"] else "")
         sec = f"{r['s_per_epoch']:.2f}" if r["s_per_epoch"] else "—"
         what = "val top-1" if r["variant"] == "sup" else "kNN top-1"
-        lines.append(f"| {r['variant']} ({what}) | {r['K']} | {r['acc']:.1f} | {sec} | {speed} |")
+        recal = (f"{r['bn']:.1f} | " if r.get("bn") is not None else "— | ") if bn else ""
+        lines.append(f"| {r['variant']} ({what}) | {r['K']} | {r['acc']:.1f} | {recal}{sec} | {speed} |")
     return "\n".join(lines)
 
 
@@ -127,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--sup-epochs", type=int, default=24)
     p.add_argument("--ssl-epochs", type=int, default=16)
     p.add_argument("--sup-lr", type=float, default=0.1, help="per 256 views")
+    p.add_argument("--sup-warmup", type=float, default=0.0, help="supervised warm-up, in epochs")
+    p.add_argument("--bn", action="store_true", help="also: val top-1 with BN statistics recomputed on single crops")
     p.add_argument("--batch", type=int, default=128, help="views per step")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="cpu")

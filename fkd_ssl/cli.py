@@ -81,9 +81,10 @@ def add_common_args(p: argparse.ArgumentParser, which: Iterable[str] = COMMON, *
     return p
 
 
-def add_optim_args(p: argparse.ArgumentParser, lr: float, weight_decay: float, warmup_epochs: float) -> None:
+def add_optim_args(p: argparse.ArgumentParser, lr: float, weight_decay: float, warmup_epochs: float,
+                   optimizer: str = "sgd") -> None:
     """The optimizer, schedule and time-limit flags of the training commands."""
-    p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default="sgd")
+    p.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default=optimizer)
     p.add_argument("--lr", type=positive_float("--lr"), default=lr,
                    help="peak learning rate for a global batch of 256 samples (scaled linearly)")
     p.add_argument("--weight-decay", type=nonneg_float("--weight-decay"), default=weight_decay)

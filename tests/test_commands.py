@@ -69,7 +69,7 @@ def _budget(epochs, batch, lr, warmup):
 
 
 def test_samples_convert_to_passes_images_and_lr_per_image():
-    cfg = train_config(_budget(80, 512, 0.015, 4.0), k=4)  # distill_ssl's defaults
+    cfg = train_config(_budget(80, 512, 0.015, 4.0), k=4)  # distill_ssl's earlier defaults
     assert (cfg.epochs, cfg.batch_size, cfg.optim.warmup_epochs) == (20, 128, 1.0)
     assert cfg.optim.lr == pytest.approx(0.06)  # per 256 images: 256 images are 1024 views
     one = train_config(_budget(5, 64, 0.06, 1.0), k=1)  # a sample is an image: nothing changes
@@ -80,11 +80,12 @@ def test_samples_convert_to_passes_images_and_lr_per_image():
         train_config(_budget(8, 6, 0.1, 0.0), k=4)
 
 
-def test_distill_ssl_defaults_are_the_earlier_run_in_samples():
+def test_distill_ssl_defaults_count_samples():
     from fkd_ssl.commands import distill_ssl
 
     a = distill_ssl.build_parser().parse_args([])
-    assert (a.epochs, a.batch_size, a.lr, a.warmup_epochs, a.crops_per_image) == (80, 512, 0.015, 4.0, 4)
+    assert (a.epochs, a.batch_size, a.crops_per_image) == (80, 512, 4)  # 20 passes of 128 images x 4 views
+    assert (a.optimizer, a.lr, a.weight_decay, a.warmup_epochs, a.center) == ("adamw", 5e-3, 0.05, 1.0, True)
     for flag in ("--epochs", "--batch-size", "--lr", "--warmup-epochs"):
         assert flag in distill_ssl.build_parser().format_help()
 

@@ -54,22 +54,22 @@ students)
   $TR experiments/distill_ssl.py --data "$DATA" --data-root "$CACHE" --store "$STORE" \
     --out "$RUNS/student-r18-infonce" --arch resnet18 --input-size 224 --crops-per-image 2 \
     --loss infonce --temperature 0.2 --queue-size 65536 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   $TR experiments/distill_ssl.py --data "$DATA" --data-root "$CACHE" --store "$STORE" \
     --out "$RUNS/student-r18-seed" --arch resnet18 --input-size 224 --crops-per-image 2 \
     --loss seed --seed-tau-s 0.2 --seed-tau-t 0.01 --queue-size 65536 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   $TR experiments/distill_ssl.py --data "$DATA" --data-root "$CACHE" --store "$STORE" \
     --out "$RUNS/student-r18-softce" --arch resnet18 --input-size 224 --crops-per-image 2 \
     --loss soft-ce --tau 0.2 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   $TR experiments/distill_ssl.py --data "$DATA" --data-root "$CACHE" --store "$STORE" \
     --out "$RUNS/student-r18-disco" --arch resnet18 --input-size 224 --crops-per-image 2 \
     --loss cosine --ssl moco --ssl-weight 1.0 --ssl-queue-size 65536 --ssl-temperature 0.2 --ssl-momentum 0.999 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   ;;
 baselines)
@@ -78,7 +78,7 @@ baselines)
     --online-teacher "$TEACHER" \
     --out "$RUNS/student-r18-seed-online" --arch resnet18 --input-size 224 --crops-per-image 2 \
     --loss seed --seed-tau-s 0.2 --seed-tau-t 0.01 --queue-size 65536 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   ;;
 eval)
@@ -123,13 +123,13 @@ students-external)
   $TR experiments/distill_ssl.py --data "$DATA" --data-root "$CACHE" --store "$EXT_STORE" \
     --out "$RUNS/student-r18-seed-ext" --arch resnet18 --input-size 224 --crops-per-image 2 --head-hidden 2048 \
     --loss seed --seed-tau-s 0.2 --seed-tau-t 0.01 --queue-size 65536 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   $TR experiments/distill_ssl.py --data "$DATA" --data-root "$CACHE" --store "$EXT_STORE" \
     --online-teacher "$EXT_TEACHER" --teacher-arch resnet50 \
     --out "$RUNS/student-r18-seed-ext-online" --arch resnet18 --input-size 224 --crops-per-image 2 --head-hidden 2048 \
     --loss seed --seed-tau-s 0.2 --seed-tau-t 0.01 --queue-size 65536 \
-    --epochs 400 --batch-size 64 --optimizer sgd --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
+    --epochs 400 --batch-size 64 --optimizer sgd --no-center --lr 0.015 --weight-decay 1e-4 --warmup-epochs 0 \
     --workers "$WORKERS"
   ;;
 *)

@@ -64,7 +64,7 @@ def build_parser():
                    help="SEED student temperature")
     p.add_argument("--queue-size", type=cli.nonneg_int("--queue-size"), default=4096,
                    help="earlier teacher targets kept as negatives (infonce) / reference points (seed)")
-    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract an EMA of the mean target first (DINO's centring; pretrained features share a "
                         "large common direction)")
     p.add_argument("--multi-positive", action="store_true",
@@ -84,7 +84,8 @@ def build_parser():
     p.add_argument("--extra-aug", action="store_true", help="mild student-only colour augmentation on replayed views")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode JPEGs at a reduced size when every crop allows it (PIL draft)")
-    cli.add_optim_args(p, lr=0.015, weight_decay=5e-4, warmup_epochs=4.0)
+    # measured defaults (docs/distill.md, "Choosing the defaults"): AdamW moves a student on a short schedule
+    cli.add_optim_args(p, lr=5e-3, weight_decay=0.05, warmup_epochs=1.0, optimizer="adamw")
     return p
 
 
