@@ -1,6 +1,7 @@
-"""FKD's crops-per-image ablation: K = 1, 2, 4, 8 stored views per decoded image at equal views.
+"""Student studies on stored targets: FKD's crops-per-image ablation, and the SSL student's settings.
 
-Both variants, each student trained by its own command with the same flags but
+``--study crops`` (default): K = 1, 2, 4, 8 stored views per decoded image at equal views, in
+both variants, each student trained by its own command with the same flags but
 ``--crops-per-image``: the same ``--epochs`` (views per image) and ``--batch-size`` (views per
 step), so every K sees the same number of views and optimizer steps; K only changes how many
 of them come from one decoded image (one pass over the images is K epochs).  Supervised: a
@@ -10,8 +11,13 @@ features in a store, students judged by kNN (k = 20).  Seconds per epoch = each 
 time / its epochs, measured one run after another in this process (run it alone).  Writes a
 markdown table and a plot; rerunning skips finished runs.
 
-    python bench/bench_crops.py                                  # ~35 min on 2 CPU cores
-    python bench/bench_crops.py --sup-epochs 8 --ssl-epochs 8    # the short schedule
+``--study ssl``: the SSL student's loss / optimiser / centring settings on the EfficientNet-Lite0
+feature store at K = 4 (each row one ``fkd-distill-ssl`` run, judged by kNN k = 20), with random
+init and the teacher itself for reference.
+
+    python bench/bench_students.py                                  # K ablation, ~35 min on 2 CPU cores
+    python bench/bench_students.py --variants sup --crops 1,4 --sup-epochs 8 --sup-lr 0.2 --bn  # the K = 4 diagnosis
+    python bench/bench_students.py --study ssl                      # SSL settings, ~20 min
 """
 
 from __future__ import annotations
@@ -37,10 +43,18 @@ def _last(run: Path, key: str) -> float:
     return float(rows[-1][key])
 
 
-def _knn20(run: Path, common: list[str]) -> float:
-    _call(knn.main, [*common, "--checkpoint", run / "model.safetensors", "--out", run / "knn", "--k", "20",
-                     "--majority-k", "none"])
-    return float(json.loads((run / "knn" / "knn.json").read_text())["results"][0]["top1"])
+def _knn20(run: Path, common: list[str], source: list | None = None) -> float:
+    """kNN top-1 (k = 20) of ``run``'s model, or of ``source`` (checkpoint flags) written under ``run``."""
+    _call(knn.main, [*common, *(source or ["--checkpoint", run / "model.safetensors"]), "--out", run / "knn",
+                     "--k", "20", "--majority-k", "none"])
+    return float(json.loads(next((run / "knn").glob("knn*.json")).read_text())["results"][0]["top1"])
+
+
+def _effnet_store(a, common: list[str], out: Path) -> Path:
+    store = out / "store-effnet"
+    _call(gen_targets.main, [*common, "--teacher", "effnet-lite0", "--target", "feature", "--view-size",
+                             a.effnet_view, "--views-per-image", a.views, "--out", store])
+    return store
 
 
 def bn_recalibrated_top1(run: Path, data: str, data_root: str | None, images: int = 1024) -> float:
@@ -90,9 +104,7 @@ def sup_rows(a, common: list[str], out: Path) -> list[dict]:
 
 
 def ssl_rows(a, common: list[str], out: Path) -> list[dict]:
-    store = out / "store-effnet"
-    _call(gen_targets.main, [*common, "--teacher", "effnet-lite0", "--target", "feature", "--view-size",
-                             a.effnet_view, "--views-per-image", a.views, "--out", store])
+    store = _effnet_store(a, common, out)
     rows = []
     for k in a.crops:
         run = out / f"ssl-k{k}-e{a.ssl_epochs}-b{a.batch}"
@@ -102,6 +114,50 @@ def ssl_rows(a, common: list[str], out: Path) -> list[dict]:
         rows.append({"variant": "ssl", "K": k, "acc": _knn20(run, common),
                      "s_per_epoch": _meta(run)["train_seconds"] / a.ssl_epochs})
     return rows
+
+
+#: the SSL study's rows: (name, epochs, distill_ssl flags); the last one is the default
+SSL_STUDY = [
+    ("earlier default: InfoNCE, SGD 0.015", 8, ["--optimizer", "sgd", "--lr", "0.015", "--weight-decay", "5e-4",
+                                                "--warmup-epochs", "4", "--no-center"]),
+    ("soft-ce (FKD-SSL), SGD 0.015", 8, ["--loss", "soft-ce", "--optimizer", "sgd", "--lr", "0.015",
+                                         "--weight-decay", "5e-4", "--warmup-epochs", "4", "--no-center"]),
+    ("InfoNCE, SGD 0.125", 8, ["--optimizer", "sgd", "--lr", "0.125", "--weight-decay", "5e-4", "--warmup-epochs", "4",
+                               "--no-center"]),
+    ("InfoNCE, SGD 0.125, centred", 8, ["--optimizer", "sgd", "--lr", "0.125", "--weight-decay", "5e-4",
+                                        "--warmup-epochs", "4"]),
+    ("cosine + predictor (SimReg), AdamW 5e-3, centred", 8, ["--loss", "cosine", "--predictor-hidden", "512"]),
+    ("cosine + predictor (SimReg), AdamW 5e-3, centred", 16, ["--loss", "cosine", "--predictor-hidden", "512"]),
+    ("InfoNCE, AdamW 5e-3, not centred", 16, ["--no-center"]),
+    ("InfoNCE, AdamW 5e-3, centred (default)", 8, []),
+    ("InfoNCE, AdamW 5e-3, centred (default)", 16, []),
+]
+
+
+def ssl_study_rows(a, common: list[str], out: Path) -> list[dict]:
+    store = _effnet_store(a, common, out)
+    rows = [{"name": "teacher: EfficientNet-Lite0 (ImageNet)", "epochs": None,
+             "acc": _knn20(out / "effnet-teacher", common, ["--checkpoint", "effnet-lite0", "--input-size",
+                                                             a.effnet_view])},
+            {"name": f"random init ({a.arch}, {a.ssl_size} px)", "epochs": None,
+             "acc": _knn20(out / "random-init", common, ["--checkpoint", f"random:{a.arch}", "--input-size",
+                                                          a.ssl_size])}]
+    for i, (name, epochs, flags) in enumerate(SSL_STUDY):
+        run = out / f"ssl-study-{i}-e{epochs}"
+        _call(distill_ssl.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.ssl_size,
+                                 "--crops-per-image", 4, "--epochs", epochs, "--batch-size", a.batch, *flags,
+                                 "--out", run])
+        rows.append({"name": name, "epochs": epochs, "acc": _knn20(run, common),
+                     "seconds": _meta(run)["train_seconds"]})
+    return rows
+
+
+def render_study(rows: list[dict]) -> str:
+    lines = ["| student settings (K = 4) | epochs | kNN top-1 (k=20) | train s |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['epochs'] or '—'} | {r['acc']:.1f} | "
+                     f"{round(r['seconds']) if r.get('seconds') else '—'} |")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict], a) -> str:
@@ -145,9 +201,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", choices=("crops", "ssl"), default="crops")
     p.add_argument("--data", default="synthetic:train=2000,val=500")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--out", type=Path, default=Path("runs/bench-crops"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench-students"))
     p.add_argument("--crops", default="1,2,4,8", help="the K values (comma-separated)")
     p.add_argument("--variants", default="sup,ssl")
     p.add_argument("--arch", default="resnet10t")
@@ -171,6 +228,11 @@ def main(argv=None) -> int:
     if a.data_root:
         common += ["--data-root", a.data_root]
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.study == "ssl":
+        table = render_study(ssl_study_rows(a, common, a.out))
+        print(table)
+        (a.out / "ssl_study.md").write_text(table + "\n")
+        return 0
     rows = []
     if "sup" in a.variants:
         rows += sup_rows(a, common, a.out)
