@@ -1,19 +1,7 @@
-"""The project's checkpoint format, and safe (pickle-free) training state.
+"""The project's checkpoint format (safetensors + embedded JSON metadata), and pickle-free training state.
 
-**Model checkpoint** (what evaluators and teachers read): ``NAME.safetensors`` holding the
-:class:`~fkd_ssl.models.Encoder` weights, with the metadata JSON embedded in the safetensors
-header (key ``fkd_ssl``) and also written beside it as ``NAME.json`` for people and tools.
-The metadata holds the :class:`~fkd_ssl.models.ModelSpec` (arch, stem, head dims, input size,
-normalisation), the method, epochs, dataset fingerprint, git SHA and the resolved config.
-:func:`load_model` rebuilds the model from the file alone.
-
-**Training state** (resume): one ``.safetensors`` file whose tensors are the flattened
-tensors of a nested dict (model, optimizer, queue, RNG states) and whose header holds the
-rest of the structure as JSON.  Written to a temporary name and renamed, so a kill at any
-moment leaves the previous state intact.
-
-Nothing here unpickles: only safetensors, JSON, and ``torch.load(weights_only=True)`` for
-plain state dicts that users bring (timm / torchvision ``.pth``).
+Training state is one ``.safetensors`` file of a nested dict's tensors, with the structure as JSON in
+its header, written atomically.  Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -137,12 +125,8 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
                expect: str | None = None) -> tuple[Encoder, dict]:
-    """Rebuild a model and its metadata from a reference.
-
-    ``ref`` is a project checkpoint (``.safetensors`` with embedded metadata, or its ``.json``),
-    a named teacher (``effnet-lite0/1/2``), or a plain timm / torchvision state dict
-    (``.safetensors`` or ``.pth``) together with ``arch`` (``tv:<name>`` for torchvision).
-    ``expect`` ("classifier" / "projector") checks the model has that part.
+    """Rebuild a model and its metadata from a project checkpoint, a named teacher, or a plain
+    timm / torchvision state dict with ``arch``; ``expect`` ("classifier" / "projector") checks a part.
     """
     ref = str(ref)
     if ref in NAMED_TEACHERS:

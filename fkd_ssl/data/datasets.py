@@ -1,18 +1,6 @@
-"""Indexed datasets: every item is ``(image, label, index)``.
+"""Indexed datasets: every item is ``(image, label, index)``, built from a ``--data`` spec string.
 
-Datasets are built from a *spec* string, the value of ``--data`` on every script:
-
-==========================  ====================================================
-``synthetic[:k=v,...]``     the built-in generated set (options: train, val, size, seed)
-``imagefolder:PATH``        ImageNet layout: ``PATH/train/<class>/*``, ``PATH/val/<class>/*``
-``cifar10:ROOT``            torchvision CIFAR-10 from local files (``ROOT/cifar-10-batches-py``)
-``cifar100:ROOT``           torchvision CIFAR-100 (``ROOT/cifar-100-python``)
-``stl10:ROOT``              torchvision STL-10 (``ROOT/stl10_binary``); val is its test split
-==========================  ====================================================
-
-Each dataset has a stable :meth:`IndexedDataset.fingerprint` (a hash of its sorted relative
-paths and file sizes, or the torchvision split identity) that stores and caches record so
-they can refuse a mismatched dataset.  Nothing is downloaded.
+The spec forms and fingerprints are described in the README; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -35,11 +23,7 @@ DEFAULT_DATA_ROOT = os.environ.get("FKD_SSL_DATA_ROOT", "~/.cache/fkd_ssl")
 
 
 class IndexedDataset:
-    """Base class: ``ds[i] -> (transform(image), label, i)`` with the image an RGB PIL image.
-
-    Subclasses set ``classes`` (names), ``targets`` (one int label per image) and implement
-    :meth:`load` and :meth:`_identity`.
-    """
+    """Base class: ``ds[i] -> (transform(image), label, i)``; subclasses implement :meth:`load` and :meth:`_identity`."""
 
     classes: list[str]
     targets: list[int]
@@ -88,11 +72,7 @@ class IndexedDataset:
 
 
 class ImageFolderDataset(IndexedDataset):
-    """``root/<class>/<image>`` with classes and files in sorted order (ImageNet layout).
-
-    Files whose extension is not an image extension are ignored (and counted in
-    ``ignored_files``); a class folder without images is an error naming it.
-    """
+    """``root/<class>/<image>`` in sorted order (ImageNet layout); non-image files are ignored and counted."""
 
     def __init__(self, root: str | os.PathLike, split: str, name: str = "imagefolder",
                  transform: Callable | None = None):
@@ -235,11 +215,7 @@ def parse_spec(spec: str) -> DataSpec:
 
 def build_dataset(spec: str | DataSpec, split: str = "train", root: str | os.PathLike | None = None,
                   transform: Callable | None = None, verbose: bool = True) -> IndexedDataset:
-    """Build the ``split`` ("train" or "val") of the dataset named by ``spec``.
-
-    ``root`` (``--data-root``) is where generated data is cached; it defaults to
-    ``$FKD_SSL_DATA_ROOT`` or ``~/.cache/fkd_ssl``.  The synthetic set is generated on first use.
-    """
+    """Build the ``split`` ("train" or "val") of the dataset named by ``spec`` (``root``: the data cache)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     s = parse_spec(spec) if isinstance(spec, str) else spec

@@ -1,23 +1,8 @@
 """The built-in ``synthetic`` dataset: seeded, procedurally drawn textures with clutter.
 
-Ten texture classes (stripes, checker, dots, rings, zigzag, grid, blobs, bricks, sunburst,
-waves) fill each image with two random colours at a random scale, orientation and phase,
-under random illumination, noise, occluding flat shapes and stray lines.  The class is the
-*pattern* alone: colours, scale, orientation, phase and clutter are nuisance factors, so
-nearest neighbours on raw pixels do poorly while an encoder that learned texture features
-does well.  Because the pattern covers the whole image, every random crop shows the class —
-which is what lets a self-supervised teacher learn it in minutes on a CPU, and what region-
-level (per-crop) targets are about.
-
-Images are written once as JPEG files in ImageFolder layout::
-
-    <root>/synthetic-v2-<options>/train/<class>/<index>.jpg
-    <root>/synthetic-v2-<options>/val/<class>/<index>.jpg
-    <root>/synthetic-v2-<options>/manifest.json
-
-Generation writes into a temporary folder that is renamed into place at the end, so a killed
-generation never leaves a half-written dataset behind, and a finished one is reused.
-Each image is a pure function of ``(seed, split, index)``.
+Ten texture classes; colours, scale, orientation, phase and clutter are nuisance factors.  Images are
+written once as JPEGs in ImageFolder layout under ``<root>/synthetic-v2-<options>/`` (atomically renamed
+into place); each is a pure function of ``(seed, split, index)``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
 """On-disk layout of a target store: file names, the record dtype, atomic JSON and checksums.
 
-A store is one directory::
-
-    header.json                     written once at creation: what the store is (no volatile data)
-    codec.<key>-<sha16>.npy         trained codec state (e.g. pq centroids), if any
-    shard-00003.records.npy         structured array (n_in_shard, R): per view the geometry
-                                    ``params`` float32 (P,) followed by the codec's fields
-    shard-00003.done.npy            uint8 (n_in_shard,): 0 not written, 1 written, 2 skipped
-    shard-00003.skipped.json        [{"index", "path", "reason"}] of the shard's skipped images
-    shard-00003.sha256.json         when the shard is complete: bytes + sha256 of the three above
-    manifest.json                   written last (finalize): header + shards' checksums + skipped
-    log.jsonl                       volatile notes (time, host, pid, command); never checksummed
-
-Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``.
+The files of a store and what each holds: docs/store.md.  Shard ``s`` holds images
+``[s * shard_size, min((s + 1) * shard_size, N))``.
 """
 
 from __future__ import annotations
