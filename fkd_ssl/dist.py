@@ -1,9 +1,6 @@
 """The one distributed helper: torchrun (DDP) or a single process, CPU or CUDA.
 
-``ctx = setup("auto")`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``) and initialises the process group (NCCL on CUDA, gloo on CPU); without
-torchrun it is a single process with ``world_size == 1`` and every collective below is a
-no-op.  Only rank 0 logs and writes shared files (``ctx.is_main``).
+Without torchrun every collective below is a no-op; only rank 0 logs and writes shared files.
 """
 
 from __future__ import annotations
@@ -52,11 +49,8 @@ _users = 0  # setup() calls not yet matched by cleanup(): the group lives while 
 
 
 def setup(device: str = "auto", timeout_s: int = 1800) -> DistContext:
-    """Initialise from torchrun's environment if present; else a single process.
-
-    Calls nest: a script run inside another that already set up the group (the quick start runs
-    every stage's ``main`` in one process) shares the group, and only the outermost
-    :func:`cleanup` destroys it."""
+    """Initialise from torchrun's environment if present; else a single process.  Calls nest: only
+    the outermost :func:`cleanup` destroys the group."""
     global _users
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

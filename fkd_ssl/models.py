@@ -1,14 +1,7 @@
 """Backbones, heads and the one model container every script uses.
 
-:class:`Encoder` = a timm (or torchvision) backbone + optional lightly projection head +
-optional predictor + optional classifier, fully described by a JSON-serialisable
-:class:`ModelSpec`, so a checkpoint (:mod:`fkd_ssl.checkpoint`) can rebuild it alone.
-
-Shapes: images ``(B, 3, S, S)`` float, normalised with ``spec.mean`` / ``spec.std``;
-:meth:`Encoder.features` -> ``(B, D)`` pooled backbone feature (``D = encoder.feature_dim``);
-:meth:`Encoder.project` -> ``(B, P)`` projection (``P = spec.head_out``);
-:meth:`Encoder.logits` -> ``(B, C)`` class scores (``C = spec.num_classes``).
-Nothing is downloaded: pretrained weights come from a local file.
+:class:`Encoder` = a timm (or torchvision) backbone + optional projection head, predictor and classifier,
+fully described by a JSON-serialisable :class:`ModelSpec`.  Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -31,11 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ModelSpec:
     """Everything needed to rebuild an :class:`Encoder` (saved in every checkpoint).
 
-    ``stem``: ``default`` (the architecture's own), ``small`` (no max-pool and a stride-2 3x3
-    first conv: /2 at the stem, for 64–96 px inputs) or ``cifar`` (stride-1 3x3 first conv and
-    no max-pool, for 32 px inputs).  ``head``: ``moco`` (lightly MoCoProjectionHead),
-    ``simsiam`` (SimSiamProjectionHead) or ``none``; ``predictor_hidden > 0`` adds a
-    SimSiamPredictionHead.
+    ``stem``: ``default``, ``small`` (for 64-96 px) or ``cifar`` (32 px); ``head``: ``moco``, ``simsiam`` or ``none``.
     """
 
     arch: str = "resnet18"
@@ -140,10 +129,7 @@ class TorchvisionBackbone(nn.Module):
 
 
 def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> nn.Module:
-    """A randomly initialised backbone: any timm name, or ``tv:<name>`` for torchvision.
-
-    With ``num_classes=0`` the backbone has no classifier and outputs the pooled feature.
-    """
+    """A randomly initialised backbone: any timm name, or ``tv:<name>`` (``num_classes=0``: pooled features)."""
     if arch.startswith("tv:"):
         model: nn.Module = TorchvisionBackbone(arch[3:], num_classes)
     else:
@@ -248,10 +234,7 @@ def named_teacher_file(name: str) -> str:
 
 
 def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """Map ``source`` tensors onto ``target``'s keys by position (BN counters excluded).
-
-    Every pair must agree in shape; raises CheckpointError naming the first mismatch.
-    """
+    """Map ``source`` tensors onto ``target``'s keys by position (BN counters excluded); CheckpointError on a shape mismatch."""
     def real(d):
         return [k for k in d if not k.endswith("num_batches_tracked")]
 

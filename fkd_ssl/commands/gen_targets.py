@@ -1,11 +1,7 @@
 """Run a teacher once over R random views of every training image and store its targets.
 
-The store (``--out``) holds, per view, how the view was made (crop box, flip, photometric
-parameters) and what the teacher said (a projection / feature vector or class
-probabilities, packed by ``--codec``), so students replay the views without the teacher.
-Rerunning the same command resumes (only missing images are computed); pointing another
-teacher, sampler, codec or dataset at an existing store is refused unless ``--overwrite``.
-``torchrun --standalone --nproc_per_node=N experiments/gen_targets.py ...`` splits the shards over processes.
+Rerunning the same command resumes; another teacher, sampler, codec or dataset is refused unless
+``--overwrite``.  ``torchrun --standalone --nproc_per_node=N experiments/gen_targets.py ...`` splits the shards.
 """
 
 from __future__ import annotations

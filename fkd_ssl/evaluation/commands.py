@@ -1,8 +1,6 @@
 """The wiring behind ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py``.
 
-Each ``add_*_args`` adds a group of flags; each ``run_*`` takes the parsed namespace, runs one
-evaluation (collectively under torchrun), writes ``<out>/<protocol>.json``, appends its rows
-to ``--results`` and prints a one-line summary.  Every user error is an FKDError.
+Each ``run_*`` runs one evaluation, writes ``<out>/<protocol>.json`` and appends to ``--results``.
 """
 
 from __future__ import annotations

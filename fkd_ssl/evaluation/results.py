@@ -1,12 +1,6 @@
 """Evaluation results: one JSON per evaluation, an accumulating table, and its rendering.
 
-A *row* is a flat dict describing one measured number (see :func:`make_row`): the model
-(label, reference, identity, method, arch, which output), the data (spec, fingerprints, split
-sizes, classes), the protocol (``knn``, ``knn-majority``, ``linear-fast``, ``linear-full``)
-with its ``k`` / ``T``, ``top1`` / ``top5`` in percent, ``feature_dim``, ``seconds``, the git
-SHA and a UTC timestamp.  Rows are appended to a results table (JSON lines, or CSV when the
-path ends in ``.csv``) that accumulates across runs; :func:`render_markdown` and
-:func:`render_png` show the latest row of every (model, data, protocol, k) side by side.
+A row (:func:`make_row`) is one measured number with its model, data and protocol.
 """
 
 from __future__ import annotations
@@ -59,11 +53,7 @@ def write_json(path: str | os.PathLike, obj: dict) -> Path:
 
 
 def append_rows(table: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    """Append rows to the results table (``.csv``: CSV with a header; else JSON lines).
-
-    Each append is a single ``write`` on a file opened in append mode, so concurrent
-    evaluations do not interleave their lines.
-    """
+    """Append rows to the results table (``.csv``: CSV with a header; else JSON lines) in a single ``write``."""
     table = Path(table)
     try:
         table.parent.mkdir(parents=True, exist_ok=True)

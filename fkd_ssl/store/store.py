@@ -1,11 +1,6 @@
 """Reading a finished target store: random access to any (image, view) record.
 
-``TargetStore.open(path)`` reads ``manifest.json`` and checks, cheaply, that every shard's
-files exist with the recorded sizes (a truncated or missing array is a DataError naming it);
-:meth:`TargetStore.verify` recomputes every checksum.  Reads are vectorised over a batch of
-``(i, r)`` pairs and touch only those records.  Shard files are memory-mapped lazily, per
-process: the first access in a process (a forked DataLoader worker, a DDP rank) maps them
-afresh, so a store opened before ``fork`` is safe to use after it.
+Shard files are memory-mapped lazily per process, so a store opened before ``fork`` is safe after it.
 """
 
 from __future__ import annotations
@@ -24,12 +19,7 @@ from .identity import StoreIdentity
 
 
 class TargetStore:
-    """A finished store opened for reading.  Create with :meth:`open`.
-
-    Attributes: ``manifest`` (dict), ``num_images`` N, ``views_per_image`` R, ``param_dim`` P,
-    ``target_dim`` D, ``codec``, ``identity`` (:class:`StoreIdentity`), ``skipped`` (frozenset of
-    image indices), ``path``.
-    """
+    """A finished store opened for reading (:meth:`open`): N, R, P, D, ``codec``, ``identity``, ``skipped``."""
 
     def __init__(self, path: Path, manifest: dict, codec: Codec):
         self.path = path
@@ -55,10 +45,8 @@ class TargetStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, expect_identity: dict | None = None) -> "TargetStore":
-        """Open the store at ``path``: manifest, format version, completeness, and that every
-        file exists with its recorded size.  ``verify=True`` also recomputes all checksums.
-        ``expect_identity``: keys the store's identity must have with these values (e.g. the
-        student's dataset fingerprint); ConfigError naming the differing keys otherwise."""
+        """Open the store at ``path`` (manifest, version, file sizes; ``verify``: all checksums).
+        ``expect_identity``: identity keys it must have, else ConfigError naming them."""
         path = Path(path)
         mpath = path / L.MANIFEST
         if path.is_file():
