@@ -1,7 +1,5 @@
-"""The one distributed helper: torchrun (DDP) or a single process, CPU or CUDA.
-
-Without torchrun every collective below is a no-op; only rank 0 logs and writes shared files.
-"""
+"""The one distributed helper: torchrun (DDP) or a single process, CPU or CUDA. Without torchrun every collective below
+is a no-op; only rank 0 logs and writes shared files."""
 
 from __future__ import annotations
 
@@ -101,14 +99,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def agree(*flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
