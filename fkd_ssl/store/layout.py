@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, writing
-from ..fileio import canonical_json, file_sha256, read_json, tmp_name, write_bytes_atomic, write_json_atomic  # noqa: F401
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_path, file_sha256, read_json, write_bytes_atomic, write_json_atomic  # noqa: F401
 
 FORMAT = "fkd_ssl.target_store"
 VERSION = 1
@@ -144,18 +144,11 @@ def preallocate(f) -> None:
 
 
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    """Create a zero-filled ``.npy`` atomically (temporary name, then rename)."""
-    tmp = tmp_name(path)
-    try:
-        with writing(path):
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            mm.flush()
-            del mm
-            with open(tmp, "rb+") as f:
-                preallocate(f)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Create a zero-filled, preallocated ``.npy`` atomically."""
+    with atomic_path(path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        mm.flush()
+        del mm
+        with open(tmp, "rb+") as f:
+            preallocate(f)
 
