@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .fileio import atomic_path, file_sha256, write_text_atomic
-from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher
+from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher, named_teacher_file
 
 FORMAT = "fkd_ssl.model"
 STATE_FORMAT = "fkd_ssl.state"
@@ -55,8 +55,7 @@ def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     full = {"format": FORMAT, "version": VERSION, "model": model.spec.to_dict(), **(meta or {})}
-    state = {k: v for k, v in model.state_dict().items()}
-    _atomic_save(state, path, full)
+    _atomic_save(model.state_dict(), path, full)
     write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=1, default=str))
     return path
 
@@ -79,7 +78,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 def model_identity(ref: str) -> str:
     """A stable identity for a model reference: a file digest, or the teacher's name."""
     if ref in NAMED_TEACHERS:
-        return f"{ref}:{file_digest(__import__('fkd_ssl.models', fromlist=['x']).named_teacher_file(ref))}"
+        return f"{ref}:{file_digest(named_teacher_file(ref))}"
     return file_digest(resolve_path(ref))
 
 
@@ -156,12 +155,12 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                     num_classes = sd[k].shape[0]
             spec = ModelSpec(arch=arch, num_classes=num_classes, extra={"source": str(path)})
             model = Encoder(spec)
-            target = model.backbone.net.state_dict() if arch.startswith("tv:") else model.backbone.state_dict()
-            missing = set(target) - set(sd)
+            tv = arch.startswith("tv:")
+            holder = model.backbone.net if tv else model.backbone
+            missing = set(holder.state_dict()) - set(sd)
             if missing:
                 raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
-            holder = model.backbone.net if arch.startswith("tv:") else model.backbone
-            if arch.startswith("tv:"):
+            if tv:
                 # the final linear layer was moved out of the net into backbone.fc
                 head = model.backbone._head_name
                 sd = dict(sd)
@@ -169,7 +168,7 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                 if num_classes:
                     model.backbone.fc.load_state_dict(fc)
             try:
-                holder.load_state_dict(sd, strict=not arch.startswith("tv:"))
+                holder.load_state_dict(sd, strict=not tv)
             except RuntimeError as e:
                 raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
             meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
@@ -182,14 +181,10 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace tensors / arrays in a nested structure by references; collect them."""
-    if isinstance(obj, torch.Tensor):
-        key = prefix or "_"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        key = prefix or "_"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
-        return {"__ndarray__": key}
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        key, is_tensor = prefix or "_", isinstance(obj, torch.Tensor)
+        tensors[key] = obj if is_tensor else torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__tensor__" if is_tensor else "__ndarray__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, (str, int)) for k in obj):
             raise TypeError(f"state keys must be str or int at {prefix}")
