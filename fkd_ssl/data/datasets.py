@@ -58,10 +58,7 @@ class IndexedDataset:
     def fingerprint(self) -> str:
         """A stable hex digest identifying this split's exact content and order."""
         if not hasattr(self, "_fingerprint"):
-            h = hashlib.sha256()
-            h.update(self._identity().encode())
-            h.update(("\n".join(self.classes)).encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = hashlib.sha256((self._identity() + "\n".join(self.classes)).encode()).hexdigest()[:16]
         return self._fingerprint
 
     def describe(self) -> dict:
@@ -144,13 +141,10 @@ def _files_identity(folder: Path) -> str:
 def _torchvision_dataset(kind: str, root: Path, split: str) -> ArrayDataset:
     import torchvision.datasets as tvd
 
-    folders = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
-    expected = root / folders[kind]
-    hint = {
-        "cifar10": "the CIFAR-10 python version (cifar-10-python.tar.gz) extracted",
-        "cifar100": "the CIFAR-100 python version (cifar-100-python.tar.gz) extracted",
-        "stl10": "the STL-10 binary version (stl10_binary.tar.gz) extracted",
-    }[kind]
+    folder, archive = {"cifar10": ("cifar-10-batches-py", "CIFAR-10 python version (cifar-10-python.tar.gz)"),
+                       "cifar100": ("cifar-100-python", "CIFAR-100 python version (cifar-100-python.tar.gz)"),
+                       "stl10": ("stl10_binary", "STL-10 binary version (stl10_binary.tar.gz)")}[kind]
+    expected, hint = root / folder, f"the {archive} extracted"
     if not expected.is_dir():
         raise DataError(f"{kind} files not found: expected {expected}/ ({hint} into {root}); nothing is downloaded")
     try:
