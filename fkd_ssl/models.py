@@ -145,17 +145,14 @@ class Encoder(nn.Module):
         self.feature_dim = int(self.backbone.num_features)
         self.projector: nn.Module | None = None
         self.predictor: nn.Module | None = None
-        if spec.head != "none":
+        if spec.head != "none" or spec.predictor_hidden > 0:
             from lightly.models.modules import heads
-
-            if spec.head == "moco":
-                self.projector = heads.MoCoProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out,
-                                                          num_layers=spec.head_layers, batch_norm=spec.head_bn)
-            else:
-                self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
+        if spec.head == "moco":
+            self.projector = heads.MoCoProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out,
+                                                      num_layers=spec.head_layers, batch_norm=spec.head_bn)
+        elif spec.head == "simsiam":
+            self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
         if spec.predictor_hidden > 0:
-            from lightly.models.modules import heads
-
             self.predictor = heads.SimSiamPredictionHead(spec.head_out, spec.predictor_hidden, spec.head_out)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
