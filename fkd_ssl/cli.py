@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from .data.datasets import DEFAULT_DATA_ROOT
 from .errors import ConfigError, FKDError, prepare_out_dir
-from .fileio import atomic_path
+from .fileio import write_text_atomic
 
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
@@ -179,6 +179,5 @@ def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_ma
             raise ConfigError(f"--out {out} holds a run with other settings ({pairs}); use another --out")
     if is_main:
         print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
-        with atomic_path(path, fsync=False) as tmp:  # rewritten by every rerun: no fsync needed
-            tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+        write_text_atomic(path, json.dumps(config, indent=1, sort_keys=True, default=str), fsync=False)  # reruns rewrite it
     return config
