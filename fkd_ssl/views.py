@@ -5,7 +5,7 @@ exactly the pixels the teacher saw. The recipe is MoCo v2's with every random dr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import permutations
 from typing import NamedTuple
 

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import cli
 from .. import dist as fdist
@@ -16,11 +15,9 @@ from ..data import build_dataset, load_uint8
 from ..errors import ConfigError
 from ..generate import generate
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
-from ..store.layout import HEADER
+from ..store.layout import HEADER, num_shards
 from ..teacher import TARGET_KINDS, default_views, load_teacher
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
-
-FEATURE_CODECS = ("fp32", "fp16", "int8", "pq")
 
 
 def build_parser():
@@ -69,8 +66,6 @@ def main(argv=None) -> int:
 
 def _codec(args, teacher):
     name = args.codec or ("topk" if teacher.kind == "probs" else "fp16")
-    if teacher.kind == "probs" and name != "topk" and name not in FEATURE_CODECS:
-        raise ConfigError(f"--codec {name} does not apply to probabilities")
     if name == "topk":
         if teacher.kind != "probs":
             raise ConfigError(f"--codec topk needs --target probs (the teacher's target is {teacher.kind})")
@@ -130,9 +125,8 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
     if ctx.is_main:
         print("config: " + json.dumps({**vars(args), "identity": identity.to_dict(), "git_sha": cli.git_sha()}, default=str),
               flush=True)
-    num_shards = -(-len(train_set) // args.shard_size)
-    return StoreWriter.create_or_resume(out, identity, codec=codec,
-                                        shards=owned_shards(num_shards, ctx.rank, ctx.world_size), **kw)
+    shards = owned_shards(num_shards(len(train_set), args.shard_size), ctx.rank, ctx.world_size)
+    return StoreWriter.create_or_resume(out, identity, codec=codec, shards=shards, **kw)
 
 
 def _finish(out, stats, ctx) -> None:

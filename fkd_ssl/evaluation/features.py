@@ -13,7 +13,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..checkpoint import load_model, model_identity, weights_digest
 from ..data.datasets import IndexedDataset
