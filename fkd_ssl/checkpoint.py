@@ -1,20 +1,6 @@
-"""The project's checkpoint format, and safe (pickle-free) training state.
-
-**Model checkpoint** (what evaluators and teachers read): ``NAME.safetensors`` holding the
-:class:`~fkd_ssl.models.Encoder` weights, with the metadata JSON embedded in the safetensors
-header (key ``fkd_ssl``) and also written beside it as ``NAME.json`` for people and tools.
-The metadata holds the :class:`~fkd_ssl.models.ModelSpec` (arch, stem, head dims, input size,
-normalisation), the method, epochs, dataset fingerprint, git SHA and the resolved config.
-:func:`load_model` rebuilds the model from the file alone.
-
-**Training state** (resume): one ``.safetensors`` file whose tensors are the flattened
-tensors of a nested dict (model, optimizer, queue, RNG states) and whose header holds the
-rest of the structure as JSON.  Written to a temporary name and renamed, so a kill at any
-moment leaves the previous state intact.
-
-Nothing here unpickles: only safetensors, JSON, and ``torch.load(weights_only=True)`` for
-plain state dicts that users bring (timm / torchvision ``.pth``).
-"""
+"""The project's checkpoint format (safetensors + embedded JSON metadata), and pickle-free training state. Training
+state is one ``.safetensors`` file of a nested dict's tensors, with the structure as JSON in its header, written
+atomically. Nothing here unpickles."""
 
 from __future__ import annotations
 
@@ -31,7 +17,7 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .fileio import atomic_path, file_sha256, write_text_atomic
-from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher
+from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher, named_teacher_file
 
 FORMAT = "fkd_ssl.model"
 STATE_FORMAT = "fkd_ssl.state"
@@ -63,17 +49,13 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return tensors, meta
 
 
-# ----------------------------------------------------------------------------- model checkpoints
-
-
 def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (``.safetensors`` added if missing) + a ``.json`` sidecar."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     full = {"format": FORMAT, "version": VERSION, "model": model.spec.to_dict(), **(meta or {})}
-    state = {k: v for k, v in model.state_dict().items()}
-    _atomic_save(state, path, full)
+    _atomic_save(model.state_dict(), path, full)
     write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=1, default=str))
     return path
 
@@ -96,7 +78,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 def model_identity(ref: str) -> str:
     """A stable identity for a model reference: a file digest, or the teacher's name."""
     if ref in NAMED_TEACHERS:
-        return f"{ref}:{file_digest(__import__('fkd_ssl.models', fromlist=['x']).named_teacher_file(ref))}"
+        return f"{ref}:{file_digest(named_teacher_file(ref))}"
     return file_digest(resolve_path(ref))
 
 
@@ -137,13 +119,8 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
                expect: str | None = None) -> tuple[Encoder, dict]:
-    """Rebuild a model and its metadata from a reference.
-
-    ``ref`` is a project checkpoint (``.safetensors`` with embedded metadata, or its ``.json``),
-    a named teacher (``effnet-lite0/1/2``), or a plain timm / torchvision state dict
-    (``.safetensors`` or ``.pth``) together with ``arch`` (``tv:<name>`` for torchvision).
-    ``expect`` ("classifier" / "projector") checks the model has that part.
-    """
+    """Rebuild a model and its metadata from a project checkpoint, a named teacher, or a plain timm / torchvision state
+    dict with ``arch``; ``expect`` ("classifier" / "projector") checks a part."""
     ref = str(ref)
     if ref in NAMED_TEACHERS:
         model, meta = load_named_teacher(ref), {"format": FORMAT, "method": "pretrained", "name": ref}
@@ -178,12 +155,12 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                     num_classes = sd[k].shape[0]
             spec = ModelSpec(arch=arch, num_classes=num_classes, extra={"source": str(path)})
             model = Encoder(spec)
-            target = model.backbone.net.state_dict() if arch.startswith("tv:") else model.backbone.state_dict()
-            missing = set(target) - set(sd)
+            tv = arch.startswith("tv:")
+            holder = model.backbone.net if tv else model.backbone
+            missing = set(holder.state_dict()) - set(sd)
             if missing:
                 raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
-            holder = model.backbone.net if arch.startswith("tv:") else model.backbone
-            if arch.startswith("tv:"):
+            if tv:
                 # the final linear layer was moved out of the net into backbone.fc
                 head = model.backbone._head_name
                 sd = dict(sd)
@@ -191,7 +168,7 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                 if num_classes:
                     model.backbone.fc.load_state_dict(fc)
             try:
-                holder.load_state_dict(sd, strict=not arch.startswith("tv:"))
+                holder.load_state_dict(sd, strict=not tv)
             except RuntimeError as e:
                 raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
             meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
@@ -202,19 +179,12 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
     return model.to(device).eval(), meta
 
 
-# ----------------------------------------------------------------------------- training state
-
-
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace tensors / arrays in a nested structure by references; collect them."""
-    if isinstance(obj, torch.Tensor):
-        key = prefix or "_"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        key = prefix or "_"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
-        return {"__ndarray__": key}
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        key, is_tensor = prefix or "_", isinstance(obj, torch.Tensor)
+        tensors[key] = obj if is_tensor else torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__tensor__" if is_tensor else "__ndarray__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, (str, int)) for k in obj):
             raise TypeError(f"state keys must be str or int at {prefix}")

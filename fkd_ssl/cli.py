@@ -1,12 +1,6 @@
-"""The shared command-line vocabulary, run config and error handling of every command.
-
-Every command speaks the same flags where they apply (``--data``, ``--data-root``, ``--out``,
-``--epochs``, ``--batch-size``, ``--workers``, ``--device``, ``--seed``, ``--arch``) in the same
-units (a *sample* is what one training example is: a view with its target for students, an
-image for teachers and probes; an epoch is as many samples as the data set has images); there
-is no ``--resume``: rerunning a command resumes it.  :func:`run_main` turns user errors
-(:class:`~fkd_ssl.errors.FKDError`) into a one-line ``error: ...`` and exit code 2.
-"""
+"""The shared command-line vocabulary, run config and error handling of every command. Flags and units are described in
+the README; :func:`run_main` turns user errors (:class:`~fkd_ssl.errors.FKDError`) into a one-line ``error: ...`` and
+exit code 2."""
 
 from __future__ import annotations
 
@@ -22,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from .data.datasets import DEFAULT_DATA_ROOT
 from .errors import ConfigError, FKDError, prepare_out_dir
-from .fileio import atomic_path
+from .fileio import write_text_atomic
 
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
@@ -165,21 +159,14 @@ def git_sha() -> str:
 
 
 def default_run_dir(kind: str, data: str, *parts: str) -> Path:
-    """``runs/<kind>-<data>[-<parts>]``: where a script writes unless ``--out`` says otherwise.
-
-    Later steps find earlier outputs here (gen_targets finds the teacher pretrain_teacher wrote
-    for the same ``--data``).
-    """
+    """``runs/<kind>-<data>[-<parts>]``: where a script writes unless ``--out`` says otherwise."""
     slug = "-".join(re.sub(r"[^A-Za-z0-9_.=-]+", "_", t).strip("_") for t in (data, *parts))
     return Path("runs") / f"{kind}-{slug}"
 
 
 def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_main: bool = True) -> dict:
-    """Print the resolved config and write ``config.json``; refuse a run folder made by another config.
-
-    ``identity_keys`` are the settings that define the run (a rerun with other values would not
-    resume the same run); the others (workers, device, ...) may change between reruns.
-    """
+    """Print the resolved config and write ``config.json``; refuse a run folder made with other
+    ``identity_keys`` values (the settings that define the run)."""
     config = {**config, "git_sha": git_sha(), "command": " ".join(sys.argv)}
     path = out / "config.json"
     if path.exists():
@@ -193,6 +180,5 @@ def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_ma
             raise ConfigError(f"--out {out} holds a run with other settings ({pairs}); use another --out")
     if is_main:
         print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
-        with atomic_path(path, fsync=False) as tmp:  # rewritten by every rerun: no fsync needed
-            tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+        write_text_atomic(path, json.dumps(config, indent=1, sort_keys=True, default=str), fsync=False)  # reruns rewrite it
     return config

@@ -1,10 +1,5 @@
-"""The one distributed helper: torchrun (DDP) or a single process, CPU or CUDA.
-
-``ctx = setup("auto")`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``) and initialises the process group (NCCL on CUDA, gloo on CPU); without
-torchrun it is a single process with ``world_size == 1`` and every collective below is a
-no-op.  Only rank 0 logs and writes shared files (``ctx.is_main``).
-"""
+"""The one distributed helper: torchrun (DDP) or a single process, CPU or CUDA. Without torchrun every collective below
+is a no-op; only rank 0 logs and writes shared files."""
 
 from __future__ import annotations
 
@@ -52,11 +47,8 @@ _users = 0  # setup() calls not yet matched by cleanup(): the group lives while 
 
 
 def setup(device: str = "auto", timeout_s: int = 1800) -> DistContext:
-    """Initialise from torchrun's environment if present; else a single process.
-
-    Calls nest: a script run inside another that already set up the group (the quick start runs
-    every stage's ``main`` in one process) shares the group, and only the outermost
-    :func:`cleanup` destroys it."""
+    """Initialise from torchrun's environment if present; else a single process.  Calls nest: only
+    the outermost :func:`cleanup` destroys the group."""
     global _users
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -107,14 +99,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def agree(*flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:

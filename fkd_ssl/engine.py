@@ -1,12 +1,6 @@
-"""The one training loop: every teacher, student and baseline is a :class:`Task` trained by :func:`train`.
-
-The loop supplies DDP via torchrun (gloo on CPU, NCCL on CUDA), deterministic rank-aware
-sampling, SGD / LARS / AdamW with linear warm-up and cosine decay, AMP + channels_last on
-CUDA, metrics (tqdm, ``metrics.jsonl``, ``tb/``), a resume state (``state.safetensors``) every
-epoch and every ``ckpt_minutes``, and the exported encoder (``model.safetensors`` + ``.json``).
-Rerunning the same command continues from the last state and gives the same result as an
-uninterrupted run.
-"""
+"""The one training loop: every teacher, student and baseline is a :class:`Task` trained by :func:`train`. DDP,
+deterministic sampling, optimisers and schedules, AMP, metrics, resume state every epoch and ``ckpt_minutes``, and the
+exported encoder; a rerun continues as an uninterrupted run would."""
 
 from __future__ import annotations
 
@@ -71,14 +65,8 @@ class TrainConfig:
 
 
 class Task(nn.Module):
-    """What :func:`train` trains: a model and its objective.
-
-    ``forward(batch, progress)`` returns ``(loss, metrics)`` (``progress`` in [0, 1] is the
-    fraction of training done); :meth:`export` gives the encoder to save; :meth:`extra_state`
-    / :meth:`load_extra_state` carry state outside ``state_dict`` (e.g. a queue); :meth:`count`
-    says how many images and views a batch holds.  Batches are NamedTuples with a ``views``
-    field, uint8 ``(B, V, 3, S, S)``.
-    """
+    """What :func:`train` trains: ``forward(batch, progress) -> (loss, metrics)``, :meth:`export`,
+    extra state outside ``state_dict`` and :meth:`count`.  Batches are NamedTuples with ``views``."""
 
     channels_last = False
 
@@ -351,11 +339,8 @@ def wrap_ddp(task: Task, ctx: DistContext) -> nn.Module:
 def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistContext, out: Path,
           meta: dict, on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
           collate_fn=None, desc: str = "train") -> TrainResult:
-    """Train ``task`` on ``dataset`` keys ``(i, epoch)`` for ``i`` in ``indices``; resume from ``out``.
-
-    ``meta`` goes into every exported model (method, config, dataset fingerprint, ...).
-    ``on_epoch_end(epoch, task)`` may return extra metrics (e.g. a kNN monitor) — rank 0 only.
-    """
+    """Train ``task`` on ``dataset`` keys ``(i, epoch)``; resume from ``out``.  ``meta`` goes into every
+    exported model; ``on_epoch_end(epoch, task)`` may return extra metrics (rank 0 only)."""
     device = ctx.device
     torch.manual_seed(cfg.seed)
     task.to(device)

@@ -1,11 +1,5 @@
-"""User-facing error types.
-
-Every error a user can cause (a bad path, a wrong flag, a checkpoint of the wrong kind, a
-store from another dataset) is raised as a subclass of :class:`FKDError` with a one-line
-message that names the file or flag at fault.  Scripts catch these at the top level
-(:func:`fkd_ssl.cli.run_main`) and print ``error: <message>`` with exit code 2 instead of a
-traceback; anything else is a bug and keeps its traceback.
-"""
+"""User-facing error types: a one-line message naming the file or flag at fault. :func:`fkd_ssl.cli.run_main` prints
+``error: <message>`` with exit code 2; anything else is a bug."""
 
 from __future__ import annotations
 

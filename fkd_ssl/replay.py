@@ -1,27 +1,6 @@
-"""Replaying stored views for a student: which views an epoch uses, and the dataset that renders them.
-
-**View selection.**  A store holds R views per image; a student uses K per image and step
-(``--crops-per-image``, FKD's ``num_crops``).  Epochs are grouped in *cycles* of
-``E = R // K`` epochs; cycle ``c`` draws one permutation of the R slots per image, seeded by
-``(seed, image, c)``, and epoch ``e`` (cycle ``c = e // E``, ``j = e % E``) takes the slots
-``perm[j*K : (j+1)*K]``.  So no view repeats before all ``E*K`` were used, the choice is a
-pure function of ``(seed, image, epoch)`` — independent of workers, ranks and resumption —
-and past ``E`` epochs the views come back in a new order (:func:`reuse_warning`).
-
-**Rendering.**  :class:`ReplayDataset` decodes each image once per step and renders its K
-views from their parameter vectors at the *student's* input size (same crop-box fractions,
-flip and photometric parameters as the teacher's views; the blur sigma is scaled by
-student size / teacher size so the student sees the same blur as the teacher, at its own
-resolution).  With ``render_teacher`` it also renders the same views at the teacher's size,
-for the online-teacher baselines.  Views come from a *source*:
-
-* :class:`StoreViews` – stored views (their parameters and, unless ``read_targets=False``,
-  their targets), selected as above;
-* :class:`FreshViews` – new random views from a :class:`~fkd_ssl.views.ViewConfig` every
-  epoch (the vanilla online-KD baseline); never one of the stored views.
-
-Items are :class:`ReplayBatch` (collated: a leading ``B`` on each field).
-"""
+"""Replaying stored views for a student: which views an epoch uses, and the dataset that renders them. Epoch ``e`` takes
+K of an image's R stored slots from a permutation seeded by ``(seed, image, e // (R // K))``, so no view repeats before
+all were used (docs/distill.md). Items are :class:`ReplayBatch`."""
 
 from __future__ import annotations
 
@@ -54,9 +33,6 @@ class ReplayBatch(NamedTuple):
     teacher_views: torch.Tensor  # uint8 (K, 3, S_t, S_t) at the teacher's size, or (0,) without
 
 
-# ----------------------------------------------------------------------------- view selection
-
-
 def cycle_epochs(views_per_image: int, k: int) -> int:
     """Epochs of fresh views a store of R views per image gives at K views per step (R // K)."""
     if k > views_per_image:
@@ -80,9 +56,6 @@ def reuse_warning(views_per_image: int, k: int, epochs: int) -> str | None:
     return (f"warning: the store holds {views_per_image} views per image, so {k} per step give {per_cycle} epochs "
             f"of unseen views; epochs {per_cycle + 1}-{epochs} reuse them in new orders "
             f"(generate more views with gen_targets.py --views-per-image to avoid it)")
-
-
-# ----------------------------------------------------------------------------- sources
 
 
 class StoreViews:
@@ -120,18 +93,9 @@ class FreshViews:
         return slots, sample_views(self.cfg, self.seed, image, slots, height, width), None
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
 def decode_rgb(base, index: int, min_crop: tuple[float, float] | None = None, size: int = 0) -> torch.Tensor:
-    """Image ``index`` of ``base`` as uint8 (3, H, W) (a channels-last view of the decoded array).
-
-    With ``min_crop = (h_frac, w_frac)`` (the smallest crop box of the views to render, as
-    fractions) and ``size`` (their output side), a JPEG is decoded at the smallest reduced
-    scale (1/2, 1/4, 1/8: PIL's ``draft``) at which every crop still has ``>= size`` pixels a
-    side, so the resize still only shrinks.  Other files, and datasets without file paths,
-    decode at full size.
-    """
+    """Image ``index`` of ``base`` as uint8 (3, H, W); a JPEG is drafted at the smallest scale at which
+    every crop of ``min_crop`` (fractions) still has ``>= size`` pixels a side."""
     from .data.image_io import to_rgb
 
     path = base.path(index) if hasattr(base, "path") else None
@@ -171,20 +135,10 @@ def _extra_augment(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return view.contiguous()
 
 
-# ----------------------------------------------------------------------------- the dataset
-
-
 class ReplayDataset(Dataset):
-    """Key ``(image, epoch)`` -> K views of the image rendered at the student's size (module doc).
-
-    ``base``: an :class:`~fkd_ssl.data.IndexedDataset`; ``source``: :class:`StoreViews` or
-    :class:`FreshViews`; ``teacher_cfg``: the view distribution the teacher saw (its ``size``
-    is the teacher's input size); ``student_size``: the student's input side.
-    ``render_teacher``: also return the views at the teacher's size.  ``extra_aug``: a mild
-    student-only colour augmentation on top of each replayed view, seeded by
-    ``(seed, image, epoch, slot)``.  ``fast_decode``: reduced-size JPEG decoding when every
-    crop allows it (:func:`decode_rgb`); pixels then differ slightly from a full decode.
-    """
+    """Key ``(image, epoch)`` -> K views of the image rendered at the student's size (module doc). ``source``:
+    :class:`StoreViews` or :class:`FreshViews`; ``teacher_cfg``: the teacher's view distribution; ``render_teacher``:
+    also the views at the teacher's size; ``extra_aug``: mild student-only colour jitter."""
 
     def __init__(self, base, source, teacher_cfg: ViewConfig, student_size: int, render_teacher: bool = False,
                  extra_aug: bool = False, fast_decode: bool = False, seed: int = 0):

@@ -1,15 +1,6 @@
-"""Self-supervised teachers: MoCo v2 and SimSiam, from lightly components and a timm backbone.
-
-Each method is an :class:`~fkd_ssl.engine.Task` whose batches are
-:class:`~fkd_ssl.views.ViewsBatch` with two augmented views per image, uint8
-``(B, 2, 3, S, S)``; the objectives themselves live in :mod:`fkd_ssl.objectives`.
-
-MoCo v2: query encoder + momentum (key) encoder with the MLP projection head
-(``lightly.models.modules.MoCoProjectionHead``), InfoNCE at temperature 0.2 against a FIFO
-queue of keys (``lightly``'s ``MemoryBankModule``, gathered across ranks), symmetrised over
-the two views.  SimSiam: projection + prediction heads (lightly), symmetric negative cosine
-with stop-grad.
-"""
+"""Self-supervised teachers: MoCo v2 and SimSiam, from lightly components and a timm backbone. Each is a
+:class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.views.ViewsBatch` pairs; the objectives are in
+:mod:`fkd_ssl.objectives`."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
-"""Teachers as target functions: uint8 views in, the stored target out.
-
-:class:`TeacherTargets` wraps any :class:`~fkd_ssl.models.Encoder` (an SSL teacher from
-``pretrain_teacher.py``, a classifier, a named ImageNet teacher, a plain timm / torchvision
-model) and maps a batch of rendered views, uint8 ``(B, 3, S, S)``, to float32 targets
-``(B, D)``:
-
-* ``proj``    – the L2-normalised projection-head output (what FKD-SSL / S2-BNN distil from a
-  MoCo teacher; ``D`` = head dim);
-* ``feature`` – the L2-normalised pooled backbone feature (``D`` = feature dim);
-* ``probs``   – softmax(logits / temp) of a classifier (``D`` = number of classes).
-
-The same object computes targets ahead of time (``gen_targets.py``) and at every step for
-the online-teacher baseline, so both see exactly the same function.
-"""
+"""Teachers as target functions: uint8 views ``(B, 3, S, S)`` in, float32 targets ``(B, D)`` out. Targets: ``proj``
+(normalised head output), ``feature`` (normalised backbone feature) or ``probs`` (softmax(logits / temp)); the same
+object serves gen_targets.py and the online-teacher baseline."""
 
 from __future__ import annotations
 
@@ -80,12 +68,8 @@ class TeacherTargets(nn.Module):
 
 
 def default_views(teacher: TeacherTargets) -> "ViewConfig":
-    """The views a store for ``teacher`` holds unless flags say otherwise.
-
-    Class probabilities: geometry-only RandomResizedCrop (min scale 0.08), as FKD's soft labels.
-    Embeddings: the teacher's own training view distribution when its checkpoint records one
-    (teachers from ``pretrain_teacher.py``), else MoCo v2's; always at the teacher's input size.
-    """
+    """The views a store for ``teacher`` holds by default: geometry-only crops for class probabilities,
+    else the teacher's own training views (or MoCo v2's), at the teacher's input size."""
     from .views import ViewConfig
 
     interp = "bicubic" if teacher.model.spec.interpolation == "bicubic" else "bilinear"
@@ -98,10 +82,7 @@ def default_views(teacher: TeacherTargets) -> "ViewConfig":
 
 def load_teacher(ref: str, arch: str | None = None, kind: str | None = None, temp: float = 1.0,
                  device: torch.device | str = "cpu") -> tuple[TeacherTargets, dict]:
-    """Load a teacher reference (see :func:`fkd_ssl.checkpoint.load_model`) as a target function.
-
-    Returns the teacher and its identity (what a store records to refuse another teacher).
-    """
+    """Load a teacher reference (:func:`fkd_ssl.checkpoint.load_model`) as a target function, with its identity."""
     model, meta = load_model(ref, arch=arch, device=device)
     dev = torch.device(device)
     teacher = TeacherTargets(model, kind, temp, channels_last=dev.type == "cuda").to(dev)

@@ -1,25 +1,11 @@
-"""Sample and replay random views (crops + photometric augmentation) exactly.
-
-A view of image ``i`` in slot ``r`` is described by a parameter vector (``VIEW_PARAM_DIM``
-float32 values, fields in :data:`PARAM_FIELDS`) that is a pure function of
-``(seed, i, r)`` and the image size — the same whatever the worker count, rank count or
-order.  :func:`render_view` turns a decoded image and a parameter vector into exactly the
-pixels the teacher saw (bit-identical on CPU), so a student can replay a stored view.
-
-The augmentation recipe is the MoCo v2 one (RandomResizedCrop, horizontal flip, colour jitter
-applied with p=0.8 in random order, grayscale p=0.2, Gaussian blur p=0.5, optional solarize),
-the same distribution lightly's ``MoCoV2Transform`` samples from, but with every random draw
-made explicit so it can be stored and replayed.  For supervised FKD only the geometry is used
-(``photometric=False``), as in the published FKD soft labels.
-
-Pixels stay uint8 through cropping, resizing and the photometric ops; normalisation to float
-happens once per batch (:func:`normalize`).
-"""
+"""Sample and replay random views (crops + photometric augmentation) exactly. A view is a float32 parameter vector
+(:data:`PARAM_FIELDS`), a pure function of ``(seed, image, slot)`` and the image size; :func:`render_view` turns it into
+exactly the pixels the teacher saw. The recipe is MoCo v2's with every random draw explicit (docs/distill.md)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import permutations
 from typing import NamedTuple
 
@@ -80,9 +66,6 @@ class ViewConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
 def _crop_box(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, h, w) in pixels."""
     area = height * width
@@ -108,10 +91,7 @@ def _crop_box(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig
 
 
 def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
-    """Parameters of view ``slot`` of image ``image`` (an ``(VIEW_PARAM_DIM,)`` float32 array).
-
-    A pure function of ``(seed, image, slot)`` and the image size.
-    """
+    """Parameters of view ``slot`` of image ``image``: a pure function of ``(seed, image, slot)`` and the size."""
     rng = np.random.default_rng([int(seed), int(image), int(slot)])
     p = np.zeros(VIEW_PARAM_DIM, dtype=np.float32)
     top, left, h, w = _crop_box(rng, height, width, cfg)
@@ -135,9 +115,6 @@ def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, 
 def sample_views(cfg: ViewConfig, seed: int, image: int, slots, height: int, width: int) -> np.ndarray:
     """Parameters of several slots of one image: ``(len(slots), VIEW_PARAM_DIM)`` float32."""
     return np.stack([sample_view(cfg, seed, image, r, height, width) for r in slots])
-
-
-# ----------------------------------------------------------------------------- replay
 
 
 def crop_pixels(p: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
@@ -199,12 +176,8 @@ class ViewsBatch(NamedTuple):
 
 
 class RandomViewsDataset(torch.utils.data.Dataset):
-    """Fresh random views for online training: key ``(i, epoch)`` -> views of image ``i``.
-
-    Returns a :class:`ViewsBatch`; view ``v`` uses slot
-    ``epoch * n_views + v``, so every epoch sees new views and the result is a pure function
-    of ``(seed, i, epoch)`` — independent of workers, ranks and resumption.
-    """
+    """Fresh random views for online training: key ``(i, epoch)`` -> :class:`ViewsBatch` of image ``i``
+    (slot ``epoch * n_views + v``, so every epoch sees new views)."""
 
     def __init__(self, base, cfg: ViewConfig, seed: int, n_views: int = 2):
         self.base, self.cfg, self.seed, self.n_views = base, cfg, seed, n_views

@@ -1,11 +1,10 @@
-"""bench/store_sizes.py against real stores: its bytes-per-view and total-size formulas must be
-exactly what StoreWriter writes, and the size table in experiments/recipes/README.md must be
-the script's current output (so the recipes' numbers cannot drift from the format)."""
+"""fkd_ssl.store.sizes (printed by bench/store_sizes.py) against real stores: its bytes-per-view and
+total-size formulas must be exactly what StoreWriter writes, and the size table in
+experiments/recipes/README.md must be its current output (so the recipes' numbers cannot drift)."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import re
 import subprocess
 import sys
@@ -16,21 +15,11 @@ import pytest
 
 from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec
 from fkd_ssl.store import layout as L
+from fkd_ssl.store import sizes as S
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "store_sizes.py"
 RECIPES = ROOT / "experiments" / "recipes" / "README.md"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("store_sizes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _load_script()
 
 N, R, SHARD = 23, 3, 10  # 3 shards, the last holding 3 images
 SKIP = 7  # one image recorded as unreadable: its records still take their place

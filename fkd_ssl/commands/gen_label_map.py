@@ -1,14 +1,6 @@
-"""ReLabel baseline: run a classifier teacher once over every whole training image and store its label maps.
-
-Each image is resized whole to the teacher's input size (``--input-size``); the teacher's
-classifier is applied at every location of its last feature map, and the top ``--topk`` class
-scores per location are stored (int16 indices + float16 scores, in a target store;
-``docs/relabel.md``).  A student then labels each random crop by RoIAlign of that map over the
-crop's box + softmax (``fkd_ssl.relabel.RelabelViews``).  Rerunning the same command resumes;
-pointing another teacher, input size, k or dataset at existing maps is refused unless
-``--overwrite``.  ``torchrun --standalone --nproc_per_node=N experiments/gen_label_map.py ...``
-splits the images over N processes (each writes its own shards).
-"""
+"""ReLabel baseline: run a classifier teacher once over every whole training image and store its label maps. The top
+``--topk`` class scores per location go into a target store (docs/relabel.md). Rerunning the same command resumes;
+``torchrun --standalone --nproc_per_node=N experiments/gen_label_map.py ...`` splits the images."""
 
 from __future__ import annotations
 

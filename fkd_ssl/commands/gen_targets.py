@@ -1,12 +1,6 @@
-"""Run a teacher once over R random views of every training image and store its targets.
-
-The store (``--out``) holds, per view, how the view was made (crop box, flip, photometric
-parameters) and what the teacher said (a projection / feature vector or class
-probabilities, packed by ``--codec``), so students replay the views without the teacher.
-Rerunning the same command resumes (only missing images are computed); pointing another
-teacher, sampler, codec or dataset at an existing store is refused unless ``--overwrite``.
-``torchrun --standalone --nproc_per_node=N experiments/gen_targets.py ...`` splits the shards over processes.
-"""
+"""Run a teacher once over R random views of every training image and store its targets. Rerunning the same command
+resumes; another teacher, sampler, codec or dataset is refused unless ``--overwrite``. ``torchrun --standalone
+--nproc_per_node=N experiments/gen_targets.py ...`` splits the shards."""
 
 from __future__ import annotations
 
@@ -14,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import cli
 from .. import dist as fdist
@@ -22,11 +15,9 @@ from ..data import build_dataset, load_uint8
 from ..errors import ConfigError
 from ..generate import generate
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
-from ..store.layout import HEADER
+from ..store.layout import HEADER, num_shards
 from ..teacher import TARGET_KINDS, default_views, load_teacher
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
-
-FEATURE_CODECS = ("fp32", "fp16", "int8", "pq")
 
 
 def build_parser():
@@ -75,8 +66,6 @@ def main(argv=None) -> int:
 
 def _codec(args, teacher):
     name = args.codec or ("topk" if teacher.kind == "probs" else "fp16")
-    if teacher.kind == "probs" and name != "topk" and name not in FEATURE_CODECS:
-        raise ConfigError(f"--codec {name} does not apply to probabilities")
     if name == "topk":
         if teacher.kind != "probs":
             raise ConfigError(f"--codec topk needs --target probs (the teacher's target is {teacher.kind})")
@@ -136,9 +125,8 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
     if ctx.is_main:
         print("config: " + json.dumps({**vars(args), "identity": identity.to_dict(), "git_sha": cli.git_sha()}, default=str),
               flush=True)
-    num_shards = -(-len(train_set) // args.shard_size)
-    return StoreWriter.create_or_resume(out, identity, codec=codec,
-                                        shards=owned_shards(num_shards, ctx.rank, ctx.world_size), **kw)
+    shards = owned_shards(num_shards(len(train_set), args.shard_size), ctx.rank, ctx.world_size)
+    return StoreWriter.create_or_resume(out, identity, codec=codec, shards=shards, **kw)
 
 
 def _finish(out, stats, ctx) -> None:

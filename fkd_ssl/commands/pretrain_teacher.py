@@ -1,13 +1,7 @@
-"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data.
-
-With no arguments it trains a MoCo v2 ResNet-10t (timm ``resnet10t``, 48 px, batch 64, 5
-epochs) on the built-in synthetic set on CPU in under ten minutes on 2 cores and writes
-``runs/teacher-synthetic/model.safetensors``.  (The cheaper backbone and smaller batch buy more
-optimizer steps than ResNet-18 in the same time, and learn much better features.)  A sample
-is one image (its pair of views): ``--batch-size`` images per step, ``--lr`` per 256 images, an
-epoch one pass over the images.  Rerunning the same command resumes; ``torchrun
---nproc_per_node=N experiments/pretrain_teacher.py ...`` trains with DDP.
-"""
+"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data. With no arguments: a MoCo v2 ResNet-10t at 48 px
+on the built-in synthetic set, on CPU in under ten minutes, to ``runs/teacher-synthetic/model.safetensors``. A sample is
+one image. Rerunning the same command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py ...``
+trains with DDP."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""``python -m fkd_ssl.store COMMAND``: check, describe, import and export target stores.
-
-* ``verify PATH``: recompute a store's checksums; ``OK <path> (...)`` (exit 0) or ``error: ...`` (exit 2);
-* ``info PATH``: the manifest's summary, without reading arrays;
-* ``import-fkd FOLDER --data SPEC --out STORE``: published FKD soft labels -> a ``topk`` store;
-* ``export-fkd STORE --data SPEC --out FOLDER``: a store of class probabilities -> FKD's layout.
-
-Import and export never unpickle code, resume when rerun, leave a finished result alone and
-refuse to replace another one without ``--overwrite``.  Format: ``docs/store.md``.
-"""
+"""``python -m fkd_ssl.store COMMAND``: check (verify), describe (info), import-fkd and export-fkd target stores. Import
+and export never unpickle code and resume when rerun. Format: ``docs/store.md``."""
 
 from __future__ import annotations
 

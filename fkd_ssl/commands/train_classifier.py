@@ -1,12 +1,6 @@
-"""Train (or fine-tune with ``--init``) a classifier on --data's own labels: a teacher for supervised FKD.
-
-The same training loop and flags as ``fkd-distill-sup --targets hard`` (plain labels on fresh
-RandomResizedCrop views, one view per image and step, so a sample is an image), with a teacher's
-defaults: ResNet-18 at 64 px, 16 epochs, label smoothing 0.1, output ``runs/classifier-<data>``.
-The checkpoint is a project checkpoint with a classifier, so ``gen_targets.py --teacher
-runs/classifier-<data>/model.safetensors`` stores its top-k soft labels and ``gen_label_map.py``
-its ReLabel label map.  Rerunning the same command resumes.
-"""
+"""Train (or fine-tune with ``--init``) a classifier on --data's own labels: a teacher for supervised FKD. The loop and
+flags of ``fkd-distill-sup --targets hard`` with a teacher's defaults (ResNet-18 at 64 px, 16 epochs, label smoothing
+0.1, output ``runs/classifier-<data>``). Rerunning the same command resumes."""
 
 from __future__ import annotations
 

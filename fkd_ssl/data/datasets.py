@@ -1,19 +1,5 @@
-"""Indexed datasets: every item is ``(image, label, index)``.
-
-Datasets are built from a *spec* string, the value of ``--data`` on every script:
-
-==========================  ====================================================
-``synthetic[:k=v,...]``     the built-in generated set (options: train, val, size, seed)
-``imagefolder:PATH``        ImageNet layout: ``PATH/train/<class>/*``, ``PATH/val/<class>/*``
-``cifar10:ROOT``            torchvision CIFAR-10 from local files (``ROOT/cifar-10-batches-py``)
-``cifar100:ROOT``           torchvision CIFAR-100 (``ROOT/cifar-100-python``)
-``stl10:ROOT``              torchvision STL-10 (``ROOT/stl10_binary``); val is its test split
-==========================  ====================================================
-
-Each dataset has a stable :meth:`IndexedDataset.fingerprint` (a hash of its sorted relative
-paths and file sizes, or the torchvision split identity) that stores and caches record so
-they can refuse a mismatched dataset.  Nothing is downloaded.
-"""
+"""Indexed datasets: every item is ``(image, label, index)``, built from a ``--data`` spec string. The spec forms and
+fingerprints are described in the README; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -35,11 +21,7 @@ DEFAULT_DATA_ROOT = os.environ.get("FKD_SSL_DATA_ROOT", "~/.cache/fkd_ssl")
 
 
 class IndexedDataset:
-    """Base class: ``ds[i] -> (transform(image), label, i)`` with the image an RGB PIL image.
-
-    Subclasses set ``classes`` (names), ``targets`` (one int label per image) and implement
-    :meth:`load` and :meth:`_identity`.
-    """
+    """Base class: ``ds[i] -> (transform(image), label, i)``; subclasses implement :meth:`load` and :meth:`_identity`."""
 
     classes: list[str]
     targets: list[int]
@@ -76,10 +58,7 @@ class IndexedDataset:
     def fingerprint(self) -> str:
         """A stable hex digest identifying this split's exact content and order."""
         if not hasattr(self, "_fingerprint"):
-            h = hashlib.sha256()
-            h.update(self._identity().encode())
-            h.update(("\n".join(self.classes)).encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = hashlib.sha256((self._identity() + "\n".join(self.classes)).encode()).hexdigest()[:16]
         return self._fingerprint
 
     def describe(self) -> dict:
@@ -88,11 +67,7 @@ class IndexedDataset:
 
 
 class ImageFolderDataset(IndexedDataset):
-    """``root/<class>/<image>`` with classes and files in sorted order (ImageNet layout).
-
-    Files whose extension is not an image extension are ignored (and counted in
-    ``ignored_files``); a class folder without images is an error naming it.
-    """
+    """``root/<class>/<image>`` in sorted order (ImageNet layout); non-image files are ignored and counted."""
 
     def __init__(self, root: str | os.PathLike, split: str, name: str = "imagefolder",
                  transform: Callable | None = None):
@@ -166,13 +141,10 @@ def _files_identity(folder: Path) -> str:
 def _torchvision_dataset(kind: str, root: Path, split: str) -> ArrayDataset:
     import torchvision.datasets as tvd
 
-    folders = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
-    expected = root / folders[kind]
-    hint = {
-        "cifar10": "the CIFAR-10 python version (cifar-10-python.tar.gz) extracted",
-        "cifar100": "the CIFAR-100 python version (cifar-100-python.tar.gz) extracted",
-        "stl10": "the STL-10 binary version (stl10_binary.tar.gz) extracted",
-    }[kind]
+    folder, archive = {"cifar10": ("cifar-10-batches-py", "CIFAR-10 python version (cifar-10-python.tar.gz)"),
+                       "cifar100": ("cifar-100-python", "CIFAR-100 python version (cifar-100-python.tar.gz)"),
+                       "stl10": ("stl10_binary", "STL-10 binary version (stl10_binary.tar.gz)")}[kind]
+    expected, hint = root / folder, f"the {archive} extracted"
     if not expected.is_dir():
         raise DataError(f"{kind} files not found: expected {expected}/ ({hint} into {root}); nothing is downloaded")
     try:
@@ -235,11 +207,7 @@ def parse_spec(spec: str) -> DataSpec:
 
 def build_dataset(spec: str | DataSpec, split: str = "train", root: str | os.PathLike | None = None,
                   transform: Callable | None = None, verbose: bool = True) -> IndexedDataset:
-    """Build the ``split`` ("train" or "val") of the dataset named by ``spec``.
-
-    ``root`` (``--data-root``) is where generated data is cached; it defaults to
-    ``$FKD_SSL_DATA_ROOT`` or ``~/.cache/fkd_ssl``.  The synthetic set is generated on first use.
-    """
+    """Build the ``split`` ("train" or "val") of the dataset named by ``spec`` (``root``: the data cache)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     s = parse_spec(spec) if isinstance(spec, str) else spec

@@ -1,13 +1,6 @@
-"""Deterministic, resumable, rank-aware batch sampling.
-
-:class:`EpochBatchSampler` yields batches of *keys* ``(index, epoch)`` for every remaining
-epoch of a run, so a single DataLoader (with persistent workers) serves the whole run and a
-dataset can derive per-epoch randomness (which views to use) from the key alone.  The order
-of epoch ``e`` is a permutation seeded by ``(seed, e)``; under ``world`` ranks each global batch
-of ``batch_size * world`` keys is split into contiguous per-rank slices, so the union of the
-ranks' batches equals the single-process run with the global batch size.  Resuming at
-``(start_epoch, start_batch)`` yields exactly the batches an uninterrupted run would have.
-"""
+"""Deterministic, resumable, rank-aware batch sampling. :class:`EpochBatchSampler` yields batches of keys ``(index,
+epoch)`` for every remaining epoch; the ranks' slices of a global batch together equal the single-process run, and a
+resume yields the same batches."""
 
 from __future__ import annotations
 

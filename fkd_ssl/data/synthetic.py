@@ -1,24 +1,7 @@
-"""The built-in ``synthetic`` dataset: seeded, procedurally drawn textures with clutter.
-
-Ten texture classes (stripes, checker, dots, rings, zigzag, grid, blobs, bricks, sunburst,
-waves) fill each image with two random colours at a random scale, orientation and phase,
-under random illumination, noise, occluding flat shapes and stray lines.  The class is the
-*pattern* alone: colours, scale, orientation, phase and clutter are nuisance factors, so
-nearest neighbours on raw pixels do poorly while an encoder that learned texture features
-does well.  Because the pattern covers the whole image, every random crop shows the class —
-which is what lets a self-supervised teacher learn it in minutes on a CPU, and what region-
-level (per-crop) targets are about.
-
-Images are written once as JPEG files in ImageFolder layout::
-
-    <root>/synthetic-v2-<options>/train/<class>/<index>.jpg
-    <root>/synthetic-v2-<options>/val/<class>/<index>.jpg
-    <root>/synthetic-v2-<options>/manifest.json
-
-Generation writes into a temporary folder that is renamed into place at the end, so a killed
-generation never leaves a half-written dataset behind, and a finished one is reused.
-Each image is a pure function of ``(seed, split, index)``.
-"""
+"""The built-in ``synthetic`` dataset: seeded, procedurally drawn textures with clutter. Ten texture classes; colours,
+scale, orientation, phase and clutter are nuisance factors. Images are written once as JPEGs in ImageFolder layout under
+``<root>/synthetic-v2-<options>/`` (atomically renamed into place); each is a pure function of ``(seed, split,
+index)``."""
 
 from __future__ import annotations
 
@@ -65,9 +48,6 @@ class SyntheticConfig:
         return f"synthetic-v{FORMAT_VERSION}-n{self.train}-{self.val}-s{self.size}-seed{self.seed}"
 
 
-# ---------------------------------------------------------------- shapes (unit coordinates)
-
-
 def _regular(n: int, r: float = 1.0, phase: float = 0.0) -> np.ndarray:
     t = phase + 2 * math.pi * np.arange(n) / n
     return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
@@ -110,8 +90,6 @@ def _shape_parts(name: str) -> list[tuple[np.ndarray, bool]]:
 
 
 _PARTS = {name: _shape_parts(name) for name in SHAPES}
-
-# ---------------------------------------------------------------- rendering
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:

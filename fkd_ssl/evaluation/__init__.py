@@ -1,13 +1,5 @@
-"""Evaluators: frozen features (cached), kNN (faiss) and linear probes, and their results table.
-
-* :mod:`.features` -- feature sources (checkpoints, named teachers, ``random:ARCH``, ``pixels``),
-  the eval transform, and the on-disk feature cache (DDP-aware extraction).
-* :mod:`.knn` -- exact cosine kNN with faiss, weighted (DINO / InstDisc) and majority voting.
-* :mod:`.probe` -- the fast linear probe (logistic regression + weight-decay sweep).
-* :mod:`.probe_full` -- the full linear-probe protocol (augmented images, SGD, 90 epochs).
-* :mod:`.results` -- result rows, the accumulating results table, markdown / PNG reports.
-* :mod:`.commands` -- what ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py`` run.
-"""
+"""Evaluators: frozen features (cached), kNN (faiss) and linear probes, and their results table. :mod:`.commands` is
+what ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py`` run."""
 
 from .features import (FeatureSet, FeatureSource, cache_key, eval_transform, extract_features, load_cached,
                        resolve_source, spec_eval_transform)

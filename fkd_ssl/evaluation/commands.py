@@ -1,9 +1,5 @@
-"""The wiring behind ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py``.
-
-Each ``add_*_args`` adds a group of flags; each ``run_*`` takes the parsed namespace, runs one
-evaluation (collectively under torchrun), writes ``<out>/<protocol>.json``, appends its rows
-to ``--results`` and prints a one-line summary.  Every user error is an FKDError.
-"""
+"""The wiring behind ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py``. Each ``run_*`` runs one
+evaluation, writes ``<out>/<protocol>.json`` and appends to ``--results``."""
 
 from __future__ import annotations
 
@@ -16,6 +12,7 @@ from ..cli import prepare_out_dir
 from ..data.datasets import IndexedDataset, build_dataset
 from ..dist import DistContext, cleanup, main_first, setup
 from ..errors import ConfigError, DataError
+from ..fileio import write_text_atomic
 from . import knn as knn_mod
 from .features import DTYPES, OUTPUTS, FeatureSet, FeatureSource, default_out_dir, extract_features, resolve_source
 from .probe import DEFAULT_WDS, fast_linear_probe
@@ -224,9 +221,7 @@ def run_report(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out if args.out else Path(args.results).parent, "--out")
     md = render_markdown(rows, args.metric)
     md_path = out / "results.md"
-    tmp = md_path.with_name("results.md.tmp")
-    tmp.write_text(md)
-    tmp.replace(md_path)
+    write_text_atomic(md_path, md)
     png = render_png(rows, out / "results.png", args.metric)
     csv_path = write_csv(rows, out / "results.csv")
     print(md)

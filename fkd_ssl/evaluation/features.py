@@ -1,34 +1,5 @@
-"""Frozen features of any model on any dataset, cached on disk and shared by every evaluator.
-
-A *feature source* turns images into vectors.  :func:`resolve_source` builds one from the
-value of ``--checkpoint``:
-
-=========================  ===============================================================
-``PATH[.safetensors]``     a project checkpoint (teacher, SSL or supervised student), or a
-                           plain timm / torchvision state dict together with ``--arch``
-``effnet-lite0`` (...)     a named ImageNet teacher (see :data:`fkd_ssl.models.NAMED_TEACHERS`)
-``random:ARCH``            a randomly initialised ``ARCH`` (``--stem``, ``--input-size``,
-                           ``--seed``), the "no learning" baseline
-``pixels[:S]``             raw pixels: the image resized to S x S (default 32), normalised
-                           with the ImageNet statistics and flattened to ``3*S*S`` values
-=========================  ===============================================================
-
-The eval transform comes from the model's :class:`~fkd_ssl.models.ModelSpec`: resize the
-shorter side to ``round(S / crop_pct)`` (``crop_pct = spec.extra.get("crop_pct", 0.875)``),
-centre-crop ``S``, ``ToTensor`` and ``Normalize(spec.mean, spec.std)``.
-
-**Cache.**  :func:`extract_features` stores the features of one split under
-``<cache_dir>/<key>/`` where ``key`` hashes the model identity (file digest, or the weights
-of a random init), the output (backbone / head), the dataset fingerprint and split, the
-transform and the storage dtype.  The folder holds ``features.npy`` (an ``(N, D)`` memmap of
-fixed dtype), ``labels.npy`` (``(N,)`` int64) and ``manifest.json``, written last: a folder
-without a manifest is an unfinished extraction and is never trusted.  While extracting,
-``filled.npy`` (``(N,)`` bool) records which rows are on disk, so a killed extraction resumes
-where it stopped (also with another number of processes).
-
-**DDP.**  Each rank extracts an interleaved share of the missing rows; after every batch the
-rows are gathered (with their sample indices) to rank 0, which writes them at those indices.
-"""
+"""Frozen features of any model on any dataset, cached on disk and shared by every evaluator. The ``--checkpoint``
+forms, the eval transform and the cache layout are in docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -42,7 +13,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..checkpoint import load_model, model_identity, weights_digest
 from ..data.datasets import IndexedDataset
@@ -60,16 +30,9 @@ DEFAULT_PIXEL_SIZE = 32
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-# ----------------------------------------------------------------------------- transforms
-
-
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
                    interpolation: str = "bilinear", crop_pct: float = 0.875) -> tuple[Callable, dict]:
-    """Resize (shorter side to ``round(S / crop_pct)``) + centre crop ``S`` + normalise.
-
-    Returns the transform (PIL RGB image -> float tensor ``(3, S, S)``) and a JSON description
-    of it (part of the feature cache key).
-    """
+    """Resize (shorter side to ``round(S / crop_pct)``) + centre crop ``S`` + normalise; also its JSON description."""
     from torchvision import transforms as T
 
     if not 0.0 < crop_pct <= 1.0:
@@ -96,16 +59,9 @@ def spec_eval_transform(spec: ModelSpec, input_size: int | None = None) -> tuple
                           float(spec.extra.get("crop_pct", 0.875)))
 
 
-# ----------------------------------------------------------------------------- feature sources
-
-
 @dataclass
 class FeatureSource:
-    """Something that maps a batch of transformed images ``(B, 3, S, S)`` to ``(B, D)`` features.
-
-    ``identity`` names the exact weights (cache key); ``name`` is the human label used in
-    result tables; ``meta`` is the checkpoint metadata (``method`` etc.).
-    """
+    """Maps transformed images ``(B, 3, S, S)`` to ``(B, D)`` features; ``identity`` names the exact weights."""
 
     ref: str
     name: str
@@ -152,12 +108,7 @@ def _slug(text: str) -> str:
 
 def resolve_source(ref: str, *, arch: str | None = None, stem: str | None = None, input_size: int | None = None,
                    output: str = "backbone", seed: int = 0, name: str | None = None) -> FeatureSource:
-    """Build a :class:`FeatureSource` from a ``--checkpoint`` value (see the module docstring).
-
-    ``input_size`` overrides the model's eval resolution (or sets the pixel size); ``stem`` and
-    ``seed`` apply to ``random:ARCH`` only; ``arch`` is needed for plain state dicts.
-    Raises CheckpointError / ConfigError with a one-line message on a bad reference.
-    """
+    """Build a :class:`FeatureSource` from a ``--checkpoint`` value (forms: docs/evaluation.md)."""
     if output not in OUTPUTS:
         raise ConfigError(f"--features {output!r}: one of {', '.join(OUTPUTS)}")
     if input_size is not None and input_size <= 0:
@@ -182,8 +133,7 @@ def resolve_source(ref: str, *, arch: str | None = None, stem: str | None = None
         arch_name = ref.split(":", 1)[1]
         if not arch_name:
             raise ConfigError(f"--checkpoint {ref!r}: expected random:ARCH (e.g. random:resnet18)")
-        spec = ModelSpec(arch=arch_name, stem=stem or "default", input_size=input_size or 224,
-                         head="none")
+        spec = ModelSpec(arch=arch_name, stem=stem or "default", input_size=input_size or 224, head="none")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = Encoder(spec).eval()
@@ -221,13 +171,9 @@ def default_out_dir(source: FeatureSource) -> Path:
     return Path("runs") / "eval" / _slug(source.name)
 
 
-# ----------------------------------------------------------------------------- the cache
-
-
 @dataclass
 class FeatureSet:
-    """Features of one split: ``features`` ``(N, D)`` (a read-only memmap or array),
-    ``labels`` ``(N,)`` int64, the cache ``manifest``, and whether it came from the cache."""
+    """Features ``(N, D)`` and labels ``(N,)`` of one split, with the cache manifest."""
 
     features: np.ndarray
     labels: np.ndarray
@@ -316,12 +262,8 @@ def _loader(dataset: IndexedDataset, indices: np.ndarray, batch_size: int, worke
 def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistContext, *, batch_size: int = 256,
                      workers: int = 2, cache_dir: str | os.PathLike | None = None, dtype: str = "float16",
                      flush_every: int = 50, progress: bool = True) -> FeatureSet | None:
-    """Features ``(N, D)`` of every image of ``dataset`` (in dataset order), cached on disk.
-
-    With ``cache_dir=None`` nothing is written and the features stay in memory.  Collective
-    under DDP: every rank must call it; rank 0 gets the :class:`FeatureSet`, others ``None``.
-    The dataset's own transform is replaced by ``source.transform`` for the extraction.
-    """
+    """Features ``(N, D)`` of every image of ``dataset`` (in dataset order), cached under ``cache_dir`` if given.
+    Collective under DDP: rank 0 gets the :class:`FeatureSet`, others ``None``."""
     if dtype not in DTYPES:
         raise ConfigError(f"--cache-dtype {dtype!r}: one of {', '.join(DTYPES)}")
     start = time.time()
@@ -333,9 +275,7 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
     if broadcast_object(hit is not None):
         return hit if ctx.is_main else None
 
-    feats: np.ndarray | None = None
-    filled: np.ndarray | None = None
-    todo: np.ndarray | None = None
+    feats = filled = todo = None
     if ctx.is_main:
         if folder is not None:
             try:

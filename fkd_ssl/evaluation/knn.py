@@ -1,17 +1,5 @@
-"""k-nearest-neighbour classification of frozen features (exact cosine search with faiss).
-
-Features are L2-normalised and searched exactly with a faiss inner-product index
-(``IndexFlatIP``; a GPU index when faiss was built with GPU support and CUDA is available).
-Queries are searched in chunks, and a bank larger than ``bank_chunk`` rows is indexed in
-shards whose top-k lists are merged, so neither the similarity matrix nor a float32 copy of
-an ImageNet-size bank (1.28M x 2048) is ever held at once.
-
-Voting (DINO / InstDisc): each of the top-k neighbours votes for its label with weight
-``exp(sim / T)`` (``T = 0.07``).  Majority voting counts neighbours per class; among classes
-with equal counts the one with the most similar neighbour wins (``k = 1`` is the plain nearest
-neighbour).  Classes are ranked by score; exact ties go to the lower class index.  Top-1 and
-top-5 are the fractions of queries whose label is among the first 1 and 5 ranked classes.
-"""
+"""k-nearest-neighbour classification of frozen features (exact cosine search with faiss). Banks are indexed in chunks
+and their top-k merged; voting (weighted / majority) is in docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -68,13 +56,8 @@ def _merge_topk(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.nda
 def knn_search(bank: np.ndarray, queries: np.ndarray, k: int, *, query_chunk: int = 8192,
                bank_chunk: int | None = None, use_gpu: bool | None = None,
                gpu_device: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of each query among the bank rows.
-
-    ``bank`` (N, D) and ``queries`` (M, D) may be float16/float32 arrays or memmaps; they are
-    L2-normalised here.  Returns ``sims`` (M, k) float32, descending, and ``indices`` (M, k)
-    int64 into the bank.  ``bank_chunk`` rows are indexed at a time (default: ~2 GiB of
-    float32); ``use_gpu=None`` picks the GPU when :func:`faiss_gpu_available`.
-    """
+    """Exact cosine top-k of each query among the bank rows: ``sims`` (M, k) float32 descending,
+    ``indices`` (M, k) int64.  ``bank_chunk`` rows are indexed at a time."""
     n, d = bank.shape
     m = queries.shape[0]
     if queries.ndim != 2 or queries.shape[1] != d:
@@ -109,11 +92,7 @@ def knn_search(bank: np.ndarray, queries: np.ndarray, k: int, *, query_chunk: in
 
 def vote(neighbor_labels: torch.Tensor, neighbor_sims: torch.Tensor, num_classes: int, mode: str = "weighted",
          temperature: float = DEFAULT_T) -> torch.Tensor:
-    """Class scores (M, C) from the labels (M, k) int64 and similarities (M, k) of the neighbours.
-
-    ``weighted``: sum over neighbours of ``exp(sim / T)``.  ``majority``: neighbour count plus
-    ``(max sim of the class + 1) / 4`` (in [0, 0.5]) as a tie-break that never reorders counts.
-    """
+    """Class scores (M, C) from the neighbours' labels and similarities (M, k): ``weighted`` or ``majority``."""
     m = neighbor_labels.shape[0]
     sims = neighbor_sims.double()
     scores = torch.zeros((m, num_classes), dtype=torch.float64)
@@ -157,11 +136,7 @@ def knn_evaluate(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
                  num_classes: int, ks: Sequence[int] = DEFAULT_KS, majority_ks: Sequence[int] = (1,),
                  temperature: float = DEFAULT_T, *, query_chunk: int = 8192, bank_chunk: int | None = None,
                  use_gpu: bool | None = None) -> list[KnnResult]:
-    """Search once with the largest k, then vote for every requested k.
-
-    ``bank`` (N, D), ``bank_labels`` (N,), ``queries`` (M, D), ``query_labels`` (M,).
-    Returns one :class:`KnnResult` per weighted k, then per majority k.
-    """
+    """Search once with the largest k, then one :class:`KnnResult` per weighted k, then per majority k."""
     if temperature <= 0:
         raise ConfigError(f"--temperature must be positive, got {temperature}")
     all_k = list(ks) + list(majority_ks)

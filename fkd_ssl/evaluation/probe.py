@@ -1,19 +1,5 @@
-"""Fast linear probe: multinomial logistic regression on cached frozen features.
-
-Protocol (the default of ``eval/linear_probe.py``):
-
-1. Hold out ``holdout`` (10 %) of the train split, stratified by class and seeded.
-2. For each weight decay in a small grid, fit on the rest and score top-1 on the held-out part.
-3. Refit on the whole train split with the best weight decay (ties: the larger one) and report
-   val top-1 / top-5.
-
-Features are standardised with the train split's per-dimension mean / std (label-free
-statistics, shared by every fit).  The objective is ``mean cross-entropy + wd / 2 * ||W||^2``
-(bias not penalised), minimised with full-batch L-BFGS (strong-Wolfe line search) for at most
-``max_iter`` iterations, so a fit is a deterministic function of the data.  The sweep runs from
-the strongest to the weakest weight decay, each fit warm-started from the previous one, and the
-refit starts from the chosen sweep fit.
-"""
+"""Fast linear probe: multinomial logistic regression (full-batch L-BFGS) on cached frozen features. The protocol
+(held-out weight-decay sweep, then a refit) is in docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -30,10 +16,7 @@ DEFAULT_WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices of ``labels`` (N,) into (fit, holdout), about ``fraction`` of each class held out.
-
-    Every class with at least two samples keeps one in each part; both are sorted int64 arrays.
-    """
+    """Split indices of ``labels`` into sorted (fit, holdout), about ``fraction`` of each class held out."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--holdout must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
@@ -76,12 +59,8 @@ def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torc
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, *, max_iter: int = 100,
                  init: LinearModel | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                  tol: float = 1e-6) -> LinearModel:
-    """Minimise ``mean CE + wd/2 ||W||^2`` on standardised ``x`` (N, D) with labels ``y`` (N,).
-
-    Runs on ``x``'s device and dtype.  ``stats`` = (mean, std) (D,) to standardise with
-    (default: those of ``x``); ``init`` warm-starts from another fit (and reuses its stats).
-    Stops after ``max_iter`` L-BFGS iterations or when the gradient's largest entry < ``tol``.
-    """
+    """Minimise ``mean CE + wd/2 ||W||^2`` on standardised ``x`` (N, D) with labels ``y`` (N,). ``stats`` = (mean, std)
+    to standardise with (default: ``x``'s); ``init`` warm-starts from another fit."""
     if wd < 0:
         raise ConfigError(f"weight decay must be >= 0, got {wd}")
     if init is not None:

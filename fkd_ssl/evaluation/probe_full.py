@@ -1,15 +1,5 @@
-"""Full linear probe: the standard protocol (MoCo v3 style) for GPU runs.
-
-Frozen backbone in eval mode (BatchNorm statistics frozen, no gradients); a single linear
-layer (weights ~ N(0, 0.01), zero bias) on the pooled feature; training images get
-``RandomResizedCrop(S)`` + horizontal flip, val images the eval transform; SGD with momentum
-0.9, weight decay 0, learning rate ``lr * global_batch / 256`` on a per-iteration cosine
-schedule, 90 epochs by default.  Under DDP the linear layer is wrapped in
-DistributedDataParallel and each rank sees its share of every epoch.
-
-The state (epoch, layer, optimizer) is saved after every epoch; rerunning the same command
-resumes from it, and a state made with other settings is refused.
-"""
+"""Full linear probe: the standard protocol (MoCo v3 style, SGD, 90 epochs) for GPU runs. Resumes from its state after
+every epoch; a state made with other settings is refused (docs/evaluation.md)."""
 
 from __future__ import annotations
 

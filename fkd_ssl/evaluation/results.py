@@ -1,13 +1,5 @@
-"""Evaluation results: one JSON per evaluation, an accumulating table, and its rendering.
-
-A *row* is a flat dict describing one measured number (see :func:`make_row`): the model
-(label, reference, identity, method, arch, which output), the data (spec, fingerprints, split
-sizes, classes), the protocol (``knn``, ``knn-majority``, ``linear-fast``, ``linear-full``)
-with its ``k`` / ``T``, ``top1`` / ``top5`` in percent, ``feature_dim``, ``seconds``, the git
-SHA and a UTC timestamp.  Rows are appended to a results table (JSON lines, or CSV when the
-path ends in ``.csv``) that accumulates across runs; :func:`render_markdown` and
-:func:`render_png` show the latest row of every (model, data, protocol, k) side by side.
-"""
+"""Evaluation results: one JSON per evaluation, an accumulating table, and its rendering. A row (:func:`make_row`) is
+one measured number with its model, data and protocol."""
 
 from __future__ import annotations
 
@@ -50,31 +42,34 @@ def make_row(*, source: dict, data: str, train: dict, val: dict, protocol: str, 
     }
 
 
-def write_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
+def _write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+    write_text_atomic(path, text)
     return path
 
 
-def append_rows(table: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    """Append rows to the results table (``.csv``: CSV with a header; else JSON lines).
+def write_json(path: str | os.PathLike, obj: dict) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    return _write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
-    Each append is a single ``write`` on a file opened in append mode, so concurrent
-    evaluations do not interleave their lines.
-    """
+
+def _csv_text(rows: Iterable[dict], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    writer.writerows({**r, "extra": json.dumps(r.get("extra", {}))} for r in rows)
+    return buf.getvalue()
+
+
+def append_rows(table: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """Append rows to the results table (``.csv``: CSV with a header; else JSON lines) in a single ``write``."""
     table = Path(table)
     try:
         table.parent.mkdir(parents=True, exist_ok=True)
         if table.suffix == ".csv":
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            if not table.exists() or table.stat().st_size == 0:
-                writer.writeheader()
-            for r in rows:
-                writer.writerow({**r, "extra": json.dumps(r.get("extra", {}))})
-            text = buf.getvalue()
+            text = _csv_text(rows, header=not table.exists() or table.stat().st_size == 0)
         else:
             text = "".join(json.dumps(r, default=str) + "\n" for r in rows)
         if table.exists() and table.stat().st_size > 0:
@@ -101,8 +96,7 @@ def _from_csv(rec: dict) -> dict:
 
 
 def load_rows(table: str | os.PathLike) -> list[dict]:
-    """All rows of a results table; malformed lines (e.g. a run killed mid-write) are skipped
-    with a warning on stderr."""
+    """All rows of a results table; malformed lines (e.g. a run killed mid-write) are skipped with a warning."""
     table = Path(table)
     if not table.is_file():
         raise DataError(f"--results {table} does not exist (run eval/knn.py or eval/linear_probe.py first)")
@@ -116,14 +110,11 @@ def load_rows(table: str | os.PathLike) -> list[dict]:
             except (ValueError, KeyError, TypeError, json.JSONDecodeError):
                 bad += 1
     else:
-        for line in text.splitlines():
-            if not line.strip():
-                continue
+        for line in filter(str.strip, text.splitlines()):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                bad += 1
-                continue
+                rec = None
             if isinstance(rec, dict) and {"model", "protocol", "top1"} <= rec.keys():
                 rows.append(rec)
             else:
@@ -237,12 +228,4 @@ def render_png(rows: Sequence[dict], path: str | os.PathLike, metric: str = "top
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """All rows as CSV (for spreadsheets), written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({**r, "extra": json.dumps(r.get("extra", {}))})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, buf.getvalue())
-    return path
+    return _write_text(path, _csv_text(rows, header=True))

@@ -1,12 +1,5 @@
-"""The published FKD soft-label layout (one ``torch.save`` file per image) <-> target stores.
-
-A label file ``<folder>/<split>/<class>/<image name up to its first dot>.tar`` holds
-``[coords (R, 4), flips (R,), labels (R, 2, k)]`` (older label types: ``(R, 2)`` or ``(R,)``,
-read as k = 1).  Files are read without running pickled code (an allow-list of numpy's array
-types); crop boxes are snapped to the pixels the reference code takes.  :func:`import_fkd`
-makes a ``topk`` store of such a folder, :func:`export_fkd` writes a store of class
-probabilities back.  Layout, geometry and limits: ``docs/store.md``, "Published FKD soft labels".
-"""
+"""The published FKD soft-label layout (one ``torch.save`` file per image) <-> target stores. Layout, geometry and
+limits: ``docs/store.md``, "Published FKD soft labels"."""
 
 from __future__ import annotations
 
@@ -30,20 +23,14 @@ from ..views import PARAM_FIELDS, VIEW_PARAM_DIM, ViewConfig
 LABEL_SUFFIX = ".tar"
 EXPORT_MARKER = "fkd_ssl_export.json"
 EXPORT_FORMAT = "fkd_ssl.fkd_export"
-#: images per unit of work when importing (one DataLoader item, one store write)
 IMPORT_CHUNK = 16
-#: largest class index float16 holds exactly (every integer up to 2^11)
 FP16_MAX_CLASSES = 2048
 
 _FLIP = PARAM_FIELDS.index("flip")
 
 
-# ----------------------------------------------------------------------------- naming
-
-
 def label_relpath(image_rel: str, split: str) -> str:
-    """Where FKD keeps one image's labels: ``"n0144/x_1.JPEG"`` -> ``"train/n0144/x_1.tar"``
-    (the same folders, the file name cut at its first dot, ``.tar`` appended)."""
+    """Where FKD keeps one image's labels: ``"n0144/x_1.JPEG"`` -> ``"train/n0144/x_1.tar"``."""
     parts = PurePath(image_rel).parts
     if not parts:
         raise DataError(f"empty image path for split {split}")
@@ -64,8 +51,7 @@ def label_relpaths(image_rels: Sequence[str], split: str) -> list[str]:
 
 
 def resolve_fkd_root(folder: str | os.PathLike, split: str) -> Path:
-    """The soft-label folder holding ``<split>/``: ``folder`` itself, or its only subfolder
-    (the generator's ``--save_path`` adds one level named after the dataset folder)."""
+    """The soft-label folder holding ``<split>/``: ``folder`` itself, or its only subfolder."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"FKD soft-label folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
@@ -92,8 +78,7 @@ def scan_label_files(root: Path, split: str) -> dict[str, int]:
 
 def match_tree(expected: Sequence[str], present: dict[str, int], root: Path, image_rels: Sequence[str],
                data_name: str) -> None:
-    """DataError unless the label files under ``root`` are exactly ``expected`` (one per image),
-    naming the first image without a label file and the first label file without an image."""
+    """DataError unless the label files under ``root`` are exactly ``expected`` (one per image)."""
     missing = [(img, lab) for img, lab in zip(image_rels, expected) if lab not in present]
     extra = sorted(set(present) - set(expected))
     parts = []
@@ -106,12 +91,8 @@ def match_tree(expected: Sequence[str], present: dict[str, int], root: Path, ima
         raise DataError(f"FKD folder {root} does not match the images of --data {data_name}: " + "; ".join(parts))
 
 
-# ----------------------------------------------------------------------------- safe reading
-
-
 def numpy_safe_globals() -> list:
-    """The allow-list for ``torch.load(weights_only=True)`` of FKD label files: numpy's array
-    reconstructor (numpy 1 and 2 names), ``ndarray``, ``dtype`` and the concrete dtype classes."""
+    """The allow-list for ``torch.load(weights_only=True)`` of FKD label files (numpy array types)."""
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
@@ -124,8 +105,7 @@ def numpy_safe_globals() -> list:
 
 
 def _safe_load(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with :func:`numpy_safe_globals`; one-line
-    DataError naming the file if it is refused or unreadable."""
+    """``torch.load(path, weights_only=True)`` with :func:`numpy_safe_globals`; DataError naming the file."""
     import pickle
 
     import torch
@@ -154,9 +134,7 @@ def _safe_load(path: Path) -> Any:
 
 @dataclass
 class FKDLabels:
-    """One image's FKD labels: ``coords`` (R, 4) ``[y, x, h, w]`` fractions, ``flips`` bool (R,),
-    ``indices`` int64 (R, k), ``values`` (R, k), ``layout`` (``marginal`` / ``smoothing`` /
-    ``hard``) and ``dtype`` (the file's float dtype name)."""
+    """One image's FKD labels: ``coords`` (R, 4) fractions, ``flips`` (R,), ``indices`` / ``values`` (R, k)."""
 
     coords: np.ndarray
     flips: np.ndarray
@@ -229,24 +207,15 @@ def label_type_name(layout: str, k: int, mode: str) -> str:
     return f"marginal_smoothing_k{k}" if mode == "smooth" else "marginal_renorm"
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
 def fkd_crop_box(coords: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The pixel boxes the reference code crops: int64 (R, 4) ``[top, left, bottom, right]``,
-    corners computed in float64 as it does and rounded half to even as PIL's crop does."""
+    """The pixel boxes the reference code crops: int64 (R, 4) ``[top, left, bottom, right]``."""
     c = np.asarray(coords, dtype=np.float64)
     top, left = c[:, 0] * height, c[:, 1] * width
     return np.rint(np.stack([top, left, top + c[:, 2] * height, left + c[:, 3] * width], axis=1)).astype(np.int64)
 
 
 def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
-    """FKD crops -> (view parameters float32 (R, VIEW_PARAM_DIM), number of boxes clamped).
-
-    The box is snapped to :func:`fkd_crop_box`'s pixels and stored as fractions that
-    :func:`fkd_ssl.views.crop_pixels` turns back into exactly those pixels; photometric fields
-    are 0.  A box reaching outside the image or empty is clamped into it (and counted).
-    """
+    """FKD crops -> (view parameters float32 (R, VIEW_PARAM_DIM), number of boxes clamped into the image)."""
     box = fkd_crop_box(coords, height, width)
     top, left = np.clip(box[:, 0], 0, height - 1), np.clip(box[:, 1], 0, width - 1)
     bottom, right = np.clip(box[:, 2], top + 1, height), np.clip(box[:, 3], left + 1, width)
@@ -272,13 +241,8 @@ def _image_size(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
-# ----------------------------------------------------------------------------- import
-
-
 def topk_fields(labels: FKDLabels, num_classes: int, path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The ``topk`` codec fields of one file's labels in the file's order: ``idx`` uint16 (R, k),
-    ``val`` float16 (R, k) rounded toward zero.  DataError naming the file for an index out of
-    range or repeated within a crop, or values that are not probabilities."""
+    """The ``topk`` codec fields of one file's labels in the file's order; DataError naming a bad file."""
     idx, val = labels.indices, np.asarray(labels.values, dtype=np.float32)
     bad = idx[(idx < 0) | (idx >= num_classes)]
     if bad.size:
@@ -313,8 +277,7 @@ class _ImportSpec:
 
 
 class _ImportChunks:
-    """DataLoader dataset: chunk ``c`` -> ``(indices (B,), params float32 (B, R, P), fields
-    {idx, val} (B, R, k), clamped boxes, None)``, or ``(indices, None, None, 0, error)``."""
+    """DataLoader dataset: chunk ``c`` -> ``(indices, params, fields, clamped, None)`` or ``(indices, None, None, 0, error)``."""
 
     def __init__(self, chunks: list[np.ndarray], image_paths: list[Path], label_paths: list[Path], spec: _ImportSpec):
         self.chunks, self.image_paths, self.label_paths, self.spec = chunks, image_paths, label_paths, spec
@@ -370,8 +333,7 @@ def image_folder_dataset(dataset, flag: str = "--data"):
 
 def import_identity(root: Path, files: dict[str, int], spec: _ImportSpec, mode: str, views: ViewConfig,
                     dataset) -> StoreIdentity:
-    """The identity of a store imported from FKD folder ``root`` (what a rerun must match);
-    ``source_fingerprint`` digests the label files' names and sizes."""
+    """The identity of a store imported from FKD folder ``root`` (what a rerun must match)."""
     fp = hashlib.sha256("".join(f"{name}\t{size}\n" for name, size in files.items()).encode()).hexdigest()[:16]
     return StoreIdentity(
         teacher={"imported_from": "fkd", "source": str(root.resolve()), "source_fingerprint": fp,
@@ -386,14 +348,7 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
                mode: str = "smooth", views: ViewConfig | None = None, shard_size: int = 4096, workers: int = 0,
                overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ImportResult:
-    """Convert the FKD soft labels of ``dataset``'s images (an image folder) into a store at ``out``.
-
-    ``folder``: the trainer's ``--softlabel_path`` (or the generator's ``--save_path``), holding
-    exactly one label file per image, all with the same R and k.  The store: R views per image,
-    geometry-only parameters, codec ``topk`` (k, ``num_classes`` (default: the dataset's),
-    ``mode``); ``views`` is recorded as declared.  Resumable; a finished store with the same
-    identity is left alone; another store at ``out`` is refused unless ``overwrite``.
-    """
+    """Convert the FKD soft labels of ``dataset``'s images (an image folder) into a ``topk`` store at ``out``."""
     from torch.utils.data import DataLoader
 
     from ..progress import bar
@@ -447,9 +402,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
     return result
 
 
-# ----------------------------------------------------------------------------- export
-
-
 def params_to_coords(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Our view parameters (R, P >= 5) -> FKD ``coords`` float32 (R, 4) and ``flips`` bool (R,)."""
     params = np.asarray(params, dtype=np.float32)
@@ -463,8 +415,7 @@ def photometric_views(params: np.ndarray) -> np.ndarray:
 
 
 def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of probability rows (B, C): (int64 (B, k), float32 (B, k)), by descending value,
-    ties to the lower class index (the ``topk`` codec's order)."""
+    """Top-k of probability rows (B, C) by descending value, ties to the lower index (the ``topk`` order)."""
     probs = np.asarray(probs, dtype=np.float32)
     order = np.lexsort((np.broadcast_to(np.arange(probs.shape[1]), probs.shape), -probs), axis=1)[:, :k]
     return order.astype(np.int64), np.take_along_axis(probs, order, axis=1)
@@ -472,8 +423,7 @@ def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def label_state(coords: np.ndarray, flips: np.ndarray, indices: np.ndarray, values: np.ndarray,
                 fp16: bool = False) -> list[np.ndarray]:
-    """What one FKD label file holds: plain ``numpy.ndarray`` ``[coords (R,4), flips bool (R,),
-    labels (R,2,k)]``, float32 or, with ``fp16``, float16 coords and labels."""
+    """What one FKD label file holds: ``[coords (R,4), flips (R,), labels (R,2,k)]`` (float16 with ``fp16``)."""
     ft = np.float16 if fp16 else np.float32
     lab = np.stack([np.asarray(indices, dtype=np.float32), np.asarray(values, dtype=np.float32)], axis=1)
     return [np.array(coords, dtype=ft), np.array(flips, dtype=bool), np.array(lab.astype(ft))]
@@ -502,8 +452,7 @@ class ExportResult:
 
 
 def _export_k(store, k: int | None, fp16: bool) -> int:
-    """The k to export (default: a ``topk`` store's k, else 5); ConfigError for a store that is
-    not of class probabilities and crop + flip views, or a k / dtype it cannot give."""
+    """The k to export (default: a ``topk`` store's k, else 5); ConfigError for a store FKD cannot hold."""
     store_k = int(store.codec.k) if store.codec.name == "topk" else None
     target = (store.identity.teacher or {}).get("target")
     if store_k is None and target != "probs":
@@ -551,8 +500,7 @@ def _export_labels(store, i: int, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _resume_export(out: Path, spec: dict, overwrite: bool) -> tuple[bool, dict | None]:
-    """(whether to resume the export in ``out``, its marker if it is finished and the same);
-    refuses another export or a non-empty folder without ``overwrite``."""
+    """(whether to resume the export in ``out``, its marker if finished and the same); refuses others."""
     marker = out / EXPORT_MARKER
     if not marker.exists():
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -577,12 +525,7 @@ def _resume_export(out: Path, spec: dict, overwrite: bool) -> tuple[bool, dict |
 def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *, k: int | None = None,
                fp16: bool = False, overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ExportResult:
-    """Write the store at ``store_path`` as FKD soft labels under ``out``: one file per image of
-    ``dataset`` (the store's image folder), the top ``k`` classes (default: a ``topk`` store's
-    k, else 5), float32 or float16 (``fp16``).  Skipped images get no file.  ``out/fkd_ssl_export.json``
-    records the export (``complete`` last): a rerun resumes, a finished export is left alone,
-    another export or a non-empty folder is refused unless ``overwrite``.
-    """
+    """Write the store at ``store_path`` as FKD soft labels under ``out`` (resumable, one file per image)."""
     from ..progress import bar
 
     store = TargetStore.open(store_path)

@@ -1,9 +1,5 @@
-"""MoCo v2's objective: a momentum (key) encoder, a FIFO queue of keys and symmetric InfoNCE.
-
-Both loss terms use the queue as it was before the step (the step's own keys would otherwise
-be false negatives).  The queue is a non-persistent buffer in lightly, so :meth:`MoCoObjective.state`
-saves it explicitly.
-"""
+"""MoCo v2's objective: a momentum (key) encoder, a FIFO queue of keys and symmetric InfoNCE. Both loss terms use the
+queue as it was before the step; :meth:`MoCoObjective.state` saves the queue."""
 
 from __future__ import annotations
 
@@ -17,10 +13,7 @@ from ..models import Encoder
 
 
 def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE with one positive per row.
-
-    q, k: (B, D) L2-normalised; negatives: (N, D) L2-normalised. Returns the mean loss.
-    """
+    """InfoNCE with one positive per row: q, k (B, D) and negatives (N, D), L2-normalised; the mean loss."""
     pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
     neg = q @ negatives.t()  # (B, N)
     logits = torch.cat([pos, neg], dim=1) / temperature
@@ -28,11 +21,7 @@ def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperatu
 
 
 class MoCoObjective(nn.Module):
-    """Key encoder (a constant-``momentum`` EMA of ``encoder``) + queue of ``queue_size`` keys.
-
-    ``forward(online, x1, x2, z1, z2)``: ``online`` the encoder being trained, ``x1, x2`` its
-    inputs for the two views, ``z1, z2`` its projections of them; returns ``(loss, pos_sim)``.
-    """
+    """Key encoder (EMA of ``encoder``) + queue; ``forward(online, x1, x2, z1, z2) -> (loss, pos_sim)``."""
 
     def __init__(self, encoder: Encoder, queue_size: int = 4096, temperature: float = 0.2, momentum: float = 0.99,
                  distributed: bool = False):

@@ -1,13 +1,5 @@
-"""ReLabel's label maps, kept in a target store: per image the teacher's top-k class scores at
-every location of its final feature map.
-
-The maps are a store (:mod:`fkd_ssl.store`) of one record per image (R = 1, no view
-parameters) with the fields ``indices`` int16 (h, w, k) and ``values`` float16 (h, w, k),
-written with :meth:`~fkd_ssl.store.StoreWriter.write_encoded`: header, resume, skipped images,
-checksums, ``torchrun`` sharding and the refusal of other settings are the store's.
-:class:`LabelMaps` reads them and :class:`RelabelViews` labels fresh crops with them.
-Format: ``docs/relabel.md``.
-"""
+"""ReLabel's label maps, kept in a target store: per image the teacher's top-k class scores at every location (R = 1,
+fields ``indices`` int16 and ``values`` float16 (h, w, k)). Format: ``docs/relabel.md``."""
 
 from __future__ import annotations
 
@@ -153,12 +145,7 @@ def topk_maps(model: Encoder, images: list[torch.Tensor], k: int, device: torch.
 
 def fill_label_maps(model: Encoder, dataset, writer: StoreWriter, *, batch_size: int = 32, workers: int = 0,
                     device: str | torch.device = "cpu", amp: bool = True, show_progress: bool = True) -> LabelMapStats:
-    """Compute and write the maps of the images ``writer`` still misses; unreadable images are skipped.
-
-    Images go through the teacher in fixed groups of ``batch_size`` consecutive images (group
-    ``g`` = images ``[g*B, (g+1)*B)``), so the maps depend neither on interruptions nor on how
-    many processes wrote them; a written image is never rewritten.
-    """
+    """Compute and write the maps of the images ``writer`` still misses, in fixed groups of ``batch_size``."""
     from ..progress import bar
 
     if batch_size < 1:
@@ -197,16 +184,9 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
                      batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu", amp: bool = True,
                      overwrite: bool = False, show_progress: bool = True, provenance: dict | None = None,
                      shard_size: int = 4096, rank: int = 0, world_size: int = 1) -> LabelMapStats:
-    """Run the classifier teacher ``model`` once over every image of ``dataset`` and store its label maps.
-
-    Each whole image is resized to ``input_size`` (default the teacher's) with the teacher's
-    interpolation and normalisation, mapped by :func:`dense_scores` to ``(C, h, w)``, and the
-    top-``k`` scores per location are kept (:func:`fill_label_maps`).  ``amp``: autocast on CUDA
-    (the classifier runs in float32).  One process: creates or resumes ``path``, writes,
-    finalizes.  Under ``torchrun`` rank 0 first calls :func:`open_label_map_writer` with
-    ``shards=[]``, then every rank calls this with its ``rank`` / ``world_size`` (it writes its
-    shards), and rank 0 calls :func:`fkd_ssl.store.finalize` after a barrier.
-    """
+    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps. Under
+    ``torchrun`` rank 0 first calls :func:`open_label_map_writer` with ``shards=[]``, every rank then calls this, and
+    rank 0 finalizes after a barrier."""
     device = torch.device(device)
     model = model.to(device).eval()
     for p in model.parameters():
@@ -296,16 +276,8 @@ class LabelMaps(TargetStore):
 
 
 class RelabelViews(FreshViews):
-    """Fresh RandomResizedCrop views every epoch (as :class:`~fkd_ssl.replay.FreshViews`: slots
-    ``FRESH_SLOT_BASE + epoch*K + v`` of ``cfg``, so the same views as a FreshViews with the same
-    seed) whose targets are their ReLabel labels from ``maps``:
-
-    ``take(image, epoch, height, width) -> (slots int64 (K,), params float32 (K, P), targets float32 (K, C))``.
-
-    ``needs_size = True`` (the image size is needed to sample boxes); ``target_dim`` = C.  Plugs
-    into :class:`fkd_ssl.replay.ReplayDataset` unchanged; pass the same ``cfg`` as its
-    ``teacher_cfg`` (only its geometry matters for the labels).
-    """
+    """Fresh RandomResizedCrop views every epoch (the slots a :class:`~fkd_ssl.replay.FreshViews` with the same
+    seed takes) whose targets are their ReLabel labels from ``maps``; a source for ReplayDataset."""
 
     needs_size = True
 

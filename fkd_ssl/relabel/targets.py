@@ -1,12 +1,5 @@
-"""ReLabel's targets: a classifier's class scores at every location, pooled over a crop's box.
-
-* :func:`dense_scores`: the label map, the teacher's classifier (a linear layer) applied at every
-  location of its final feature map; its spatial mean is the teacher's usual logits (checked).
-* :func:`relabel_targets`: ReLabel's LabelPooling: the dense ``(C, h, w)`` map rebuilt from the
-  top-k (zeros elsewhere), RoIAlign of each crop box to 1x1, softmax over classes.
-
-Conventions (RoIAlign alignment, map coordinates): ``docs/relabel.md``.
-"""
+"""ReLabel's targets: a classifier's class scores at every location, pooled over a crop's box. Conventions (RoIAlign
+alignment, map coordinates): ``docs/relabel.md``."""
 
 from __future__ import annotations
 
@@ -23,12 +16,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
 def classifier_weights(model: Encoder) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher's final classifier as ``(weight (C, D), bias (C,) | None)``.
-
-    Accepts an ``nn.Linear`` (timm's ``get_classifier()``, the torchvision ``fc``) or a 1x1
-    ``nn.Conv2d``; anything else (an MLP head, a classifier with a norm or activation inside) is a
-    ConfigError, since per-location class scores are then not defined.
-    """
+    """The teacher's final classifier (``nn.Linear`` or 1x1 ``nn.Conv2d``) as ``(weight (C, D), bias | None)``."""
     if model.spec.num_classes == 0:
         raise ConfigError(f"teacher {model.spec.arch} has no classifier (num_classes=0): ReLabel needs a "
                           f"classifier teacher")
@@ -42,11 +30,7 @@ def classifier_weights(model: Encoder) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 def _feature_map(model: Encoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(map (B, D', h, w) as the model gives it, reference logits (B, C))``.
-
-    The map is the input of the global pooling; the reference logits are what the model itself
-    computes from it (its own head), used to check that the head is pooling + linear.
-    """
+    """``(map (B, D', h, w) as the model gives it, the model's own logits (B, C))``."""
     bb = model.backbone
     if isinstance(bb, TorchvisionBackbone):
         pool = getattr(bb.net, "avgpool", None)
@@ -71,17 +55,8 @@ def _feature_map(model: Encoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def dense_scores(model: Encoder, x: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """The teacher's class-score map: float ``(B, 3, S, S)`` normalised images -> float32 ``(B, C, h, w)``.
-
-    ``out[b, :, i, j] = W f[b, :, i, j] + bias``: the classifier applied at every location of the
-    final feature map ``f`` (timm: ``forward_features``, which includes e.g. EfficientNet's
-    ``conv_head`` + ``bn2``; torchvision: the input of ``avgpool``), i.e. logits per location.
-    The classifier runs in float32 even under autocast.  With ``check`` the spatial mean of the
-    map must equal the model's own pooled logits (true exactly when the head is global average
-    pooling followed by the linear layer); a model whose head does something else between
-    pooling and classifier (MobileNetV3's conv after pooling, ConvNeXt's norm, max pooling) is a
-    ConfigError.
-    """
+    """The teacher's class-score map: normalised images ``(B, 3, S, S)`` -> float32 logits ``(B, C, h, w)``. With
+    ``check``, the map's spatial mean must equal the model's pooled logits (else ConfigError)."""
     weight, bias = classifier_weights(model)
     fmap, ref = _feature_map(model, x)
     D = weight.shape[1]
@@ -112,10 +87,7 @@ def _as_tensor(a: ArrayLike, device: torch.device | None = None) -> torch.Tensor
 
 
 def dense_from_topk(values: ArrayLike, indices: ArrayLike, num_classes: int) -> torch.Tensor:
-    """Top-k scores ``(..., h, w, k)`` + class indices (same shape) -> float32 dense map ``(..., C, h, w)``.
-
-    Classes outside a location's top-k get 0 (as in ReLabel), not -inf.
-    """
+    """Top-k scores and class indices ``(..., h, w, k)`` -> float32 dense map ``(..., C, h, w)``, 0 elsewhere."""
     v = _as_tensor(values).float()
     idx = _as_tensor(indices, v.device).long()
     if v.shape != idx.shape or v.ndim < 3:
@@ -129,9 +101,7 @@ def dense_from_topk(values: ArrayLike, indices: ArrayLike, num_classes: int) -> 
 
 
 def box_rois(boxes: ArrayLike, height: int, width: int) -> torch.Tensor:
-    """Crop boxes ``(K, 4)`` as ``[top, left, height, width]`` fractions of the image -> float32
-    ``(K, 4)`` ``[x1, y1, x2, y2]`` in label-map coordinates (the map spans ``[0, width] x [0, height]``;
-    cell ``(i, j)`` covers ``[j, j+1] x [i, i+1]`` and its value sits at its centre ``(j+0.5, i+0.5)``)."""
+    """Crop boxes ``(K, 4)`` ``[top, left, height, width]`` fractions -> ``[x1, y1, x2, y2]`` in map coordinates."""
     b = _as_tensor(boxes).float()
     if b.ndim != 2 or b.shape[1] != 4:
         raise ValueError(f"boxes must be (K, 4) [top, left, height, width] fractions, got {tuple(b.shape)}")
@@ -141,22 +111,9 @@ def box_rois(boxes: ArrayLike, height: int, width: int) -> torch.Tensor:
 
 def relabel_targets(values: ArrayLike, indices: ArrayLike | None, boxes: ArrayLike,
                     num_classes: int | None = None) -> torch.Tensor:
-    """ReLabel's label of each crop: float32 ``(K, C)`` class probabilities.
-
-    ``values``/``indices``: the label map as top-k, ``(h, w, k)`` shared by all boxes (the views of
-    one image) or ``(K, h, w, k)`` one map per box, with ``num_classes`` = C; or, with
-    ``indices=None``, a dense map ``(C, h, w)`` or ``(K, C, h, w)``.  ``boxes``: ``(K, 4)``
-    ``[top, left, height, width]`` as fractions of the image (a view's parameters' crop box).
-
-    Steps (ReLabel's LabelPooling): the dense map is rebuilt with zeros outside the top-k;
-    ``torchvision.ops.roi_align`` pools each box to a 1x1 output with ``spatial_scale=1`` (the box
-    is given in map coordinates, :func:`box_rois`), ``aligned=True`` (sample positions shifted by
-    -0.5 so a cell's value sits at its centre -- the same positions as ReLabel's manual ``- 0.5``
-    with ``aligned=False``) and ``sampling_ratio=-1`` (``ceil(box side)`` bilinear samples per
-    axis, averaged); then softmax over classes (temperature 1).  A horizontal flip does not change
-    a 1x1 pooled label, so it needs no handling.  Inputs may be numpy arrays or tensors; the
-    result is on the values' device.
-    """
+    """ReLabel's label of each crop (LabelPooling): float32 ``(K, C)`` class probabilities. ``values``/``indices``: the
+    map as top-k ``([K,] h, w, k)``, or with ``indices=None`` a dense ``([K,] C, h, w)``; ``boxes``: ``(K, 4)`` crop
+    boxes as fractions (docs/relabel.md)."""
     from torchvision.ops import roi_align
 
     if indices is None:

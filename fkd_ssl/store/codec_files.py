@@ -1,9 +1,4 @@
-"""A trained codec's state inside a store: ``codec.<key>-<sha16>.npy`` files.
-
-The file name carries the first 16 hex digits of the array's sha256, so two processes that
-trained different codebooks (another machine's BLAS) never overwrite each other's file; the
-header records which file (and full sha256) belongs to the store.
-"""
+"""A trained codec's state inside a store: ``codec.<key>-<sha16>.npy`` files (named by content)."""
 
 from __future__ import annotations
 
@@ -32,11 +27,8 @@ def save_codec_state(path: Path, codec: Codec) -> dict[str, dict]:
 
 
 def load_codec(path: Path, codec_meta: dict, into: Codec | None = None) -> Codec:
-    """The store's codec, with its trained state loaded and checked against its checksums.
-
-    ``codec_meta`` is the header's ``codec`` entry.  With ``into`` (a codec of the same name
-    and config, possibly unfitted) the state is loaded into that object instead.
-    """
+    """The store's codec (``codec_meta``: the header's entry) with its state loaded and checked,
+    into ``into`` if given."""
     codec = into if into is not None else codec_from_params(codec_meta["name"], codec_meta["params"])
     files = codec_meta.get("state_files") or {}
     if not files:

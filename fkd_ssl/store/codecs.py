@@ -1,30 +1,6 @@
-"""Target codecs: how one teacher output per view is packed into fixed-dtype fields.
-
-A codec turns a float32 batch ``x`` of shape ``(B, D)`` into a dict of fixed-dtype arrays,
-one row per input row (:meth:`Codec.encode`), and back (:meth:`Codec.decode`).  The store
-keeps those fields side by side with the view geometry in one record per view, so a codec
-also declares its fields up front (:meth:`Codec.fields`): name -> (numpy dtype string, shape
-of one row).
-
-Encoding is deterministic and row-independent: a row's code depends only on that row, never
-on what else is in the batch, so a store written in other batches (a resumed run, another
-number of ranks) is byte-identical.
-
-==========  =======================================  ===================  ====================
-name        fields per view                          bytes per view       stated error
-==========  =======================================  ===================  ====================
-``fp32``    ``x`` float32 (D,)                       4 D                  exact
-``fp16``    ``x`` float16 (D,)                       2 D                  mean cosine > 0.99999
-``int8``    ``q`` int8 (D,), ``scale`` float32 ()    D + 4                mean cosine > 0.9999
-``pq``      ``codes`` uint8 (M,)                     M                    see docs/store.md
-``topk``    ``idx`` uint16 (k,), ``val`` float16 (k,) 4 k                 see docs/store.md
-``fields``  given by the caller (already encoded)    their sum            (stored as given)
-==========  =======================================  ===================  ====================
-
-``pq`` is trained (:meth:`PQCodec.fit`) on a sample of teacher outputs before the store is
-created; its codebooks are the codec's *state* (:meth:`Codec.state_arrays`), saved in the
-store as ``codec.<key>.npy`` and referenced from :attr:`Codec.params` by sha256.
-"""
+"""Target codecs: how one teacher output per view is packed into fixed-dtype fields. Encoding is deterministic and
+row-independent, so a store written in other batches is byte-identical. The codecs, their fields and their errors are
+tabled in docs/store.md."""
 
 from __future__ import annotations
 
@@ -62,8 +38,7 @@ def _single_thread_blas():
 
 
 def f16_toward_zero(x: np.ndarray) -> np.ndarray:
-    """float32 -> float16, never above ``x`` for ``x >= 0`` (rounded toward zero): how ``topk``
-    stores its values.  Values that float16 holds exactly are unchanged."""
+    """float32 -> float16 rounded toward zero (never above ``x`` for ``x >= 0``): how ``topk`` stores values."""
     x = np.asarray(x, dtype=np.float32)
     half = x.astype(np.float16)
     up = half.astype(np.float32) > x
@@ -81,11 +56,7 @@ def _as_batch(x: np.ndarray, dim: int | None) -> np.ndarray:
 
 
 class Codec:
-    """Base class: a codec packs float32 rows ``(B, D)`` into fixed-dtype fields.
-
-    Subclasses set :attr:`name`, implement :meth:`fields`, :meth:`encode`, :meth:`decode`
-    and, if trained, :meth:`fit` / :meth:`state_arrays` / :meth:`load_state`.
-    """
+    """Base class: a codec packs float32 rows ``(B, D)`` into fixed-dtype fields (trained ones also fit/save state)."""
 
     name: ClassVar[str] = ""
     trained: ClassVar[bool] = False
@@ -134,8 +105,7 @@ class Codec:
         return {}
 
     def load_state(self, arrays: dict[str, np.ndarray], params: dict, source: str = "codec state") -> None:
-        """Restore trained state saved by :meth:`state_arrays`, checking it against the
-        ``params`` recorded with it (DataError naming ``source`` if they disagree)."""
+        """Restore state saved by :meth:`state_arrays`, checked against ``params`` (DataError naming ``source``)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
@@ -176,11 +146,7 @@ class Fp16Codec(Codec):
 
 
 class Int8Codec(Codec):
-    """Symmetric per-row int8: ``scale = max|x| / 127`` (float32), ``q = round(x / scale)``.
-
-    Fields ``q`` int8 (D,) and ``scale`` float32 (); decode is ``q * scale``.  The error per
-    element is at most ``scale / 2``.
-    """
+    """Symmetric per-row int8: ``scale = max|x| / 127`` (float32), ``q = round(x / scale)``; decode ``q * scale``."""
 
     name = "int8"
 
@@ -200,20 +166,9 @@ class Int8Codec(Codec):
 
 
 class PQCodec(Codec):
-    """Product quantisation: D split into M sub-vectors, each coded by one of 256 centroids.
-
-    Field ``codes`` uint8 (M,).  Trained with faiss ``ProductQuantizer`` (k-means, fixed seed,
-    one thread, so the codebooks are reproducible on one machine); the codebooks
-    ``centroids`` float32 (M, 256, D/M) are the codec state, stored in the store and
-    referenced by sha256 in :attr:`params`.
-
-    A row's code never depends on the batch it came in (so a resumed store is byte-identical):
-    for sub-vectors shorter than 16, faiss's encoder computes each row on its own (no BLAS)
-    and is used as is; for longer ones the codes are computed here, and the rare sub-vectors
-    whose two nearest centroids are within float32 rounding error of each other are re-decided
-    by a fixed-order float64 computation (lowest centroid index wins a tie), so BLAS blocking
-    cannot change a code.  Decoding is plain numpy (safe in forked DataLoader workers).
-    """
+    """Product quantisation: D split into M sub-vectors, each coded by one of 256 centroids (field ``codes``). The
+    codebooks (faiss k-means, fixed seed, one thread) are the codec state. Codes are batch-independent: near-ties are
+    re-decided in fixed-order float64 (docs/store.md)."""
 
     name = "pq"
     trained = True
@@ -261,8 +216,7 @@ class PQCodec(Codec):
         return {"codes": ("<u1", (self.M,))}
 
     def fit(self, sample: np.ndarray) -> "PQCodec":
-        """Train codebooks on ``sample`` float32 (n, D), n >= 256; at most ``max_train`` rows
-        (the first ones) are used.  Deterministic for a given sample on a given machine."""
+        """Train codebooks on the first ``max_train`` rows of ``sample`` float32 (n, D), n >= 256."""
         import faiss  # imported here: only trained codecs need it
 
         x = _as_batch(sample, None)[: self.max_train]
@@ -359,8 +313,7 @@ class PQCodec(Codec):
 
     @staticmethod
     def _exact_argmin(xs: np.ndarray, cm: np.ndarray) -> np.ndarray:
-        """Nearest centroid of each row of ``xs`` (n, dsub) among ``cm`` (K, dsub), computed in
-        float64 with a fixed summation order (element by element), first minimum winning."""
+        """Nearest centroid of each row of ``xs`` in ``cm``: float64, fixed summation order, first minimum wins."""
         x64, c64 = xs.astype(np.float64), cm.astype(np.float64)
         acc = np.zeros((len(x64), len(c64)), dtype=np.float64)
         for j in range(x64.shape[1]):
@@ -379,17 +332,8 @@ class PQCodec(Codec):
 
 
 class TopKCodec(Codec):
-    """Top-k class probabilities: fields ``idx`` uint16 (k,) and ``val`` float16 (k,).
-
-    Input rows are probability vectors over ``num_classes`` classes (softmax outputs; rows must
-    sum to 1 within 1e-2).  Entries are ordered by descending probability (ties: lower class
-    index first); values are rounded toward zero to float16 (relative error < 2^-10), so the
-    mass left for the other classes is never lost to rounding.  Decoding, ``mode``:
-
-    * ``"smooth"`` (FKD's marginal smoothing): the top-k keep their stored values and the
-      remaining mass ``1 - sum(top-k)`` is spread evenly over the other ``C - k`` classes;
-    * ``"renorm"``: the top-k are rescaled to sum to 1 and every other class is 0.
-    """
+    """Top-k class probabilities: fields ``idx`` uint16 (k,) and ``val`` float16 (k,), by descending value. Decoding
+    ``mode``: ``"smooth"`` (FKD's marginal smoothing of the remaining mass) or ``"renorm"``."""
 
     name = "topk"
     MODES = ("smooth", "renorm")
@@ -448,9 +392,7 @@ class TopKCodec(Codec):
 
 
 class FieldsCodec(Codec):
-    """Records of fields the caller encodes itself (e.g. ReLabel's label maps): ``fields`` is a
-    list of ``[name, dtype, shape]``.  Written with :meth:`StoreWriter.write_encoded` and read
-    with :meth:`TargetStore.records`; there is no float target to encode or decode."""
+    """Records of fields the caller encodes itself (e.g. ReLabel's label maps), ``[name, dtype, shape]`` each."""
 
     name = "fields"
 
@@ -490,8 +432,7 @@ def make_codec(name: str, **config) -> Codec:
 
 
 def codec_from_params(name: str, params: dict) -> Codec:
-    """Rebuild a codec from the ``params`` a store recorded; a trained codec's state is then
-    loaded with :meth:`Codec.load_state` (which checks it against ``params``)."""
+    """Rebuild a codec from the ``params`` a store recorded (a trained one then needs :meth:`Codec.load_state`)."""
     if name not in CODECS:
         raise DataError(f"store uses unknown codec {name!r} (this fkd_ssl knows {', '.join(CODECS)})")
     cls = CODECS[name]

@@ -10,11 +10,8 @@ from .layout import normalise
 
 @dataclass(frozen=True)
 class StoreIdentity:
-    """A store's identity: ``teacher`` (its name, checkpoint hash, target kind, ...), ``views``
-    (the view sampler's config), ``seed``, ``group`` (teacher batch grouping), ``dataset``
-    (fingerprint, split, classes) and ``extra``: the other keys a kind of store records (an FKD
-    import's ``geometry``, label maps' ``maps``).  Fields left None are not recorded.
-    """
+    """A store's identity: ``teacher``, ``views``, ``seed``, ``group``, ``dataset`` and ``extra`` keys;
+    fields left None are not recorded."""
 
     teacher: Any = None
     views: dict | None = None

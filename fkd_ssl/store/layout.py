@@ -1,19 +1,5 @@
-"""On-disk layout of a target store: file names, the record dtype, atomic JSON and checksums.
-
-A store is one directory::
-
-    header.json                     written once at creation: what the store is (no volatile data)
-    codec.<key>-<sha16>.npy         trained codec state (e.g. pq centroids), if any
-    shard-00003.records.npy         structured array (n_in_shard, R): per view the geometry
-                                    ``params`` float32 (P,) followed by the codec's fields
-    shard-00003.done.npy            uint8 (n_in_shard,): 0 not written, 1 written, 2 skipped
-    shard-00003.skipped.json        [{"index", "path", "reason"}] of the shard's skipped images
-    shard-00003.sha256.json         when the shard is complete: bytes + sha256 of the three above
-    manifest.json                   written last (finalize): header + shards' checksums + skipped
-    log.jsonl                       volatile notes (time, host, pid, command); never checksummed
-
-Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``.
-"""
+"""On-disk layout of a target store: file names, the record dtype, atomic JSON and checksums. The files of a store and
+what each holds: docs/store.md. Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``."""
 
 from __future__ import annotations
 
@@ -26,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, writing
-from ..fileio import canonical_json, file_sha256, read_json, tmp_name, write_bytes_atomic, write_json_atomic  # noqa: F401
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_path, file_sha256, read_json, write_bytes_atomic, write_json_atomic  # noqa: F401
 
 FORMAT = "fkd_ssl.target_store"
 VERSION = 1
@@ -158,18 +144,11 @@ def preallocate(f) -> None:
 
 
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    """Create a zero-filled ``.npy`` atomically (temporary name, then rename)."""
-    tmp = tmp_name(path)
-    try:
-        with writing(path):
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            mm.flush()
-            del mm
-            with open(tmp, "rb+") as f:
-                preallocate(f)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Create a zero-filled, preallocated ``.npy`` atomically."""
+    with atomic_path(path) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        mm.flush()
+        del mm
+        with open(tmp, "rb+") as f:
+            preallocate(f)
 

@@ -1,12 +1,5 @@
-"""Reading a finished target store: random access to any (image, view) record.
-
-``TargetStore.open(path)`` reads ``manifest.json`` and checks, cheaply, that every shard's
-files exist with the recorded sizes (a truncated or missing array is a DataError naming it);
-:meth:`TargetStore.verify` recomputes every checksum.  Reads are vectorised over a batch of
-``(i, r)`` pairs and touch only those records.  Shard files are memory-mapped lazily, per
-process: the first access in a process (a forked DataLoader worker, a DDP rank) maps them
-afresh, so a store opened before ``fork`` is safe to use after it.
-"""
+"""Reading a finished target store: random access to any (image, view) record. Shard files are memory-mapped lazily per
+process, so a store opened before ``fork`` is safe after it."""
 
 from __future__ import annotations
 
@@ -24,12 +17,7 @@ from .identity import StoreIdentity
 
 
 class TargetStore:
-    """A finished store opened for reading.  Create with :meth:`open`.
-
-    Attributes: ``manifest`` (dict), ``num_images`` N, ``views_per_image`` R, ``param_dim`` P,
-    ``target_dim`` D, ``codec``, ``identity`` (:class:`StoreIdentity`), ``skipped`` (frozenset of
-    image indices), ``path``.
-    """
+    """A finished store opened for reading (:meth:`open`): N, R, P, D, ``codec``, ``identity``, ``skipped``."""
 
     def __init__(self, path: Path, manifest: dict, codec: Codec):
         self.path = path
@@ -51,14 +39,10 @@ class TargetStore:
         self._maps: dict[int, np.memmap] = {}
         self._pid = os.getpid()
 
-    # ------------------------------------------------------------------ opening / checking
-
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, expect_identity: dict | None = None) -> "TargetStore":
-        """Open the store at ``path``: manifest, format version, completeness, and that every
-        file exists with its recorded size.  ``verify=True`` also recomputes all checksums.
-        ``expect_identity``: keys the store's identity must have with these values (e.g. the
-        student's dataset fingerprint); ConfigError naming the differing keys otherwise."""
+        """Open the store at ``path`` (manifest, version, file sizes; ``verify``: all checksums).
+        ``expect_identity``: identity keys it must have, else ConfigError naming them."""
         path = Path(path)
         mpath = path / L.MANIFEST
         if path.is_file():
@@ -154,8 +138,6 @@ class TargetStore:
         """Total bytes of the store's checksummed files."""
         return sum((self.path / n).stat().st_size for n in self.files())
 
-    # ------------------------------------------------------------------ reading
-
     def valid_indices(self) -> np.ndarray:
         """int64 (N - skipped,): image indices that have targets (ascending)."""
         return np.nonzero(~self._skip_mask)[0].astype(np.int64)
@@ -214,8 +196,6 @@ class TargetStore:
 
     def _decode(self, rec: np.ndarray) -> np.ndarray:
         return self.codec.decode({f: rec[f] for f in self._fields})
-
-    # ------------------------------------------------------------------ pickling (spawned workers)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -1,25 +1,5 @@
-"""Writing a target store: resumable, sharded, one writer process per set of shards.
-
-Usage (one process)::
-
-    w = StoreWriter.create_or_resume(path, identity, num_images=N, views_per_image=R,
-                                     param_dim=P, target_dim=D, codec=codec, shard_size=4096)
-    for batch in chunks(w.missing_images()):          # only what is not done yet
-        w.write(batch, params, targets)               # (B,R,P) float32, (B,R,D) float32
-                                                      # (or w.write_encoded(batch, params, fields))
-    w.complete_owned()                                # checksums of every owned shard
-    finalize(path)                                    # manifest.json, atomically
-
-Under torchrun each rank passes ``shards=owned_shards(num_shards, rank, world_size)`` and
-writes only those shards' files; rank 0 creates the store first (``dist.main_first``) and
-calls :func:`finalize` after a barrier (or with ``timeout_s`` to wait for the other ranks'
-checksum files on a shared filesystem).  No state is shared between processes except files.
-
-Crash safety: a view's record is written and flushed before its image's done flag, so a kill
-at any moment (SIGKILL included) loses at most the images of the batch being written; a rerun
-recomputes exactly the images whose flag is 0.  Nothing volatile is written into the arrays or
-JSON files, so a resumed store is byte-identical to an uninterrupted one (``log.jsonl`` aside).
-"""
+"""Writing a target store: resumable, sharded, one writer process per set of shards. Usage, resume, ranks and crash
+safety (records flushed before done flags): docs/store.md."""
 
 from __future__ import annotations
 
@@ -104,25 +84,14 @@ class StoreWriter:
         self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
 
-    # ------------------------------------------------------------------ creation / resume
-
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike, identity: StoreIdentity | dict, *, num_images: int, views_per_image: int,
                          param_dim: int, target_dim: int, codec: Codec, shard_size: int = 4096,
                          overwrite: bool = False, shards: Iterable[int] | None = None,
                          provenance: dict | None = None, sync: bool = True) -> "StoreWriter":
-        """Create the store at ``path`` or resume the one there.
-
-        ``identity``: what the targets are (:class:`StoreIdentity`, or its dict: teacher name
-        and checkpoint hash, view-sampler parameters, dataset fingerprint, ...).  A store already at ``path`` must have the same identity, sizes and
-        codec, else ConfigError naming the differing keys; with ``overwrite=True`` such a store
-        is deleted (store files only) and a new one created.  A trained codec may be passed
-        unfitted when resuming: its state is then loaded from the store.  ``shards``: the
-        shards this process writes (default all).  ``provenance`` (default: command line and
-        git SHA) is recorded at creation only and never compared.  ``sync``: msync data
-        before flipping done flags (durability against power loss; a killed process loses
-        nothing written either way).
-        """
+        """Create the store at ``path`` or resume the one there (same identity, sizes and codec, else ConfigError naming
+        the differing keys; ``overwrite=True`` replaces it). A trained codec may be passed unfitted when resuming.
+        ``shards``: those this process writes (default all)."""
         path = Path(path)
         for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
                             ("param_dim", param_dim, 0), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
@@ -218,11 +187,6 @@ class StoreWriter:
         L.write_json_atomic(path / L.HEADER, header, exclusive=True)  # first creator wins
         _log(path, "create")
 
-    # ------------------------------------------------------------------ shards
-
-    def shard_of(self, index: int) -> int:
-        return int(index) // self.shard_size
-
     def _range(self, s: int) -> tuple[int, int]:
         return L.shard_range(s, self.num_images, self.shard_size)
 
@@ -252,8 +216,8 @@ class StoreWriter:
         return sh
 
     def missing_images(self, shard_ids: Iterable[int] | None = None) -> np.ndarray:
-        """Global indices (int64, ascending) of images not yet written or skipped in the given
-        shards (default: this writer's shards).  Reads only done masks; creates nothing."""
+        """Global indices (int64, ascending) of images neither written nor skipped in the given shards
+        (default: this writer's).  Reads only done masks."""
         out = []
         for s in (self.shards if shard_ids is None else shard_ids):
             s = int(s)
@@ -271,11 +235,8 @@ class StoreWriter:
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def write(self, indices: np.ndarray, params: np.ndarray, targets: np.ndarray) -> None:
-        """Store the views of images ``indices`` (int, (B,), distinct, in owned shards).
-
-        ``params``: float32 (B, R, P), returned bit-exactly by the reader.
-        ``targets``: float (B, R, D), encoded by the store's codec (then :meth:`write_encoded`).
-        """
+        """Store the views of images ``indices`` (distinct, in owned shards): ``params`` float32 (B, R, P),
+        ``targets`` float (B, R, D), encoded by the store's codec."""
         idx = self._check_views(indices, params)
         B, R, D = len(idx), self.views_per_image, self.target_dim
         targets = np.asarray(targets, dtype=np.float32)
@@ -287,8 +248,7 @@ class StoreWriter:
         self._commit(idx, params, {name: a.reshape((B, R) + a.shape[1:]) for name, a in enc.items()})
 
     def write_encoded(self, indices: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray]) -> None:
-        """:meth:`write` for targets already encoded: ``fields`` holds every codec field as an
-        array (B, R, *shape) of its dtype (``codec.fields(target_dim)``), stored as given."""
+        """:meth:`write` for targets already encoded: every codec field as an array (B, R, *shape)."""
         idx = self._check_views(indices, params)
         B, R = len(idx), self.views_per_image
         want = {n: (self.dtype.fields[n][0].base, (B, R) + self.dtype.fields[n][0].shape)
@@ -347,12 +307,11 @@ class StoreWriter:
                 sh.done.flush()
 
     def skip(self, index: int, path: str, reason: str) -> None:
-        """Record image ``index`` as unreadable (``path`` and one-line ``reason``); readers
-        exclude it (:meth:`TargetStore.valid_indices`)."""
+        """Record image ``index`` as unreadable (``path`` and one-line ``reason``); readers exclude it."""
         index = int(index)
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} out of range 0..{self.num_images - 1}")
-        s = self.shard_of(index)
+        s = index // self.shard_size
         if self.is_complete(s):
             raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
         sh = self._shard(s)
@@ -366,9 +325,8 @@ class StoreWriter:
         L.write_json_atomic(self.path / L.skipped_file(s), [sh.skipped[i] for i in sorted(sh.skipped)])
 
     def complete_shard(self, s: int) -> dict:
-        """Checksum owned shard ``s`` once every image is written or skipped: writes
-        ``shard-XXXXX.sha256.json`` (bytes + sha256 of its files) and returns that dict.
-        Idempotent.  ConfigError if images are still missing."""
+        """Checksum owned shard ``s`` once every image is written or skipped (``shard-XXXXX.sha256.json``,
+        returned).  Idempotent; ConfigError if images are still missing."""
         s = int(s)
         f = self.path / L.checksum_file(s)
         if f.exists():
@@ -411,14 +369,8 @@ class StoreWriter:
 
 
 def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.0) -> dict:
-    """Write ``manifest.json`` once every shard is complete (rank 0, after the writers).
-
-    Waits up to ``timeout_s`` for shards' checksum files to appear (other ranks on a shared
-    filesystem), checks each shard's files have the recorded sizes, merges the skipped lists,
-    and writes the manifest atomically (temporary file + ``os.replace``).  The manifest depends
-    only on the header and the shards' contents, so it is identical however the store was
-    written.  Returns the manifest.  DataError naming the incomplete shards otherwise.
-    """
+    """Write ``manifest.json`` once every shard is complete (rank 0, after the writers; waits up to
+    ``timeout_s`` for other ranks' checksum files).  DataError naming the incomplete shards otherwise."""
     path = Path(path)
     header = L.read_json(path / L.HEADER)
     S = header["num_shards"]
