@@ -1,6 +1,8 @@
-"""The project's checkpoint format (safetensors + embedded JSON metadata), and pickle-free training state. Training
-state is one ``.safetensors`` file of a nested dict's tensors, with the structure as JSON in its header, written
-atomically. Nothing here unpickles."""
+"""The project's checkpoint format (safetensors + embedded JSON metadata), and pickle-free training state.
+
+Training state is one ``.safetensors`` file of a nested dict's tensors, with the structure as JSON in
+its header, written atomically.  Nothing here unpickles.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path} has corrupt metadata") from e
     return tensors, meta
+
+
+# ----------------------------------------------------------------------------- model checkpoints
 
 
 def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None) -> Path:
@@ -119,8 +124,9 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
                expect: str | None = None) -> tuple[Encoder, dict]:
-    """Rebuild a model and its metadata from a project checkpoint, a named teacher, or a plain timm / torchvision state
-    dict with ``arch``; ``expect`` ("classifier" / "projector") checks a part."""
+    """Rebuild a model and its metadata from a project checkpoint, a named teacher, or a plain
+    timm / torchvision state dict with ``arch``; ``expect`` ("classifier" / "projector") checks a part.
+    """
     ref = str(ref)
     if ref in NAMED_TEACHERS:
         model, meta = load_named_teacher(ref), {"format": FORMAT, "method": "pretrained", "name": ref}
@@ -177,6 +183,9 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
     if expect == "projector" and model.projector is None:
         raise CheckpointError(f"checkpoint {ref} has no projection head; use --target feature")
     return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- training state
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

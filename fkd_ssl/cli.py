@@ -1,6 +1,8 @@
-"""The shared command-line vocabulary, run config and error handling of every command. Flags and units are described in
-the README; :func:`run_main` turns user errors (:class:`~fkd_ssl.errors.FKDError`) into a one-line ``error: ...`` and
-exit code 2."""
+"""The shared command-line vocabulary, run config and error handling of every command.
+
+Flags and units are described in the README; :func:`run_main` turns user errors
+(:class:`~fkd_ssl.errors.FKDError`) into a one-line ``error: ...`` and exit code 2.
+"""
 
 from __future__ import annotations
 

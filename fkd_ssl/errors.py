@@ -1,5 +1,7 @@
-"""User-facing error types: a one-line message naming the file or flag at fault. :func:`fkd_ssl.cli.run_main` prints
-``error: <message>`` with exit code 2; anything else is a bug."""
+"""User-facing error types: a one-line message naming the file or flag at fault.
+
+:func:`fkd_ssl.cli.run_main` prints ``error: <message>`` with exit code 2; anything else is a bug.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Files written whole or not at all: one atomic write for every file the project produces. A temporary file beside the
-target is flushed and renamed over it; a full or read-only disk is one :class:`~fkd_ssl.errors.OutputError` naming the
-file."""
+"""Files written whole or not at all: one atomic write for every file the project produces.
+
+A temporary file beside the target is flushed and renamed over it; a full or read-only disk is one
+:class:`~fkd_ssl.errors.OutputError` naming the file.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Run a teacher once over R views of every image and fill a target store. Views go through the teacher in fixed groups
-of images aligned to shard starts, so a resumed or multi-process store is byte-identical; unreadable images are recorded
-as skipped."""
+"""Run a teacher once over R views of every image and fill a target store.
+
+Views go through the teacher in fixed groups of images aligned to shard starts, so a resumed or
+multi-process store is byte-identical; unreadable images are recorded as skipped.
+"""
 
 from __future__ import annotations
 

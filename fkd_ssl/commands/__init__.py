@@ -1,6 +1,8 @@
-"""Every entry point of the project, one module per command. A command module has ``build_parser()``, ``run(args)``,
-``main(argv=None)`` (parse, check, run) and ``console()`` (``main`` behind :func:`fkd_ssl.cli.run_main`);
-``experiments/`` and ``eval/`` hold shims."""
+"""Every entry point of the project, one module per command.
+
+A command module has ``build_parser()``, ``run(args)``, ``main(argv=None)`` (parse, check, run) and
+``console()`` (``main`` behind :func:`fkd_ssl.cli.run_main`); ``experiments/`` and ``eval/`` hold shims.
+"""
 
 #: every command module; its console script is ``fkd-<name with dashes>`` (pyproject.toml)
 NAMES = ("pretrain_teacher", "gen_targets", "distill_ssl", "distill_sup", "train_classifier", "gen_label_map",

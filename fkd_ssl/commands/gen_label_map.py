@@ -1,6 +1,8 @@
-"""ReLabel baseline: run a classifier teacher once over every whole training image and store its label maps. The top
-``--topk`` class scores per location go into a target store (docs/relabel.md). Rerunning the same command resumes;
-``torchrun --standalone --nproc_per_node=N experiments/gen_label_map.py ...`` splits the images."""
+"""ReLabel baseline: run a classifier teacher once over every whole training image and store its label maps.
+
+The top ``--topk`` class scores per location go into a target store (docs/relabel.md).  Rerunning the same
+command resumes; ``torchrun --standalone --nproc_per_node=N experiments/gen_label_map.py ...`` splits the images.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Run a teacher once over R random views of every training image and store its targets. Rerunning the same command
-resumes; another teacher, sampler, codec or dataset is refused unless ``--overwrite``. ``torchrun --standalone
---nproc_per_node=N experiments/gen_targets.py ...`` splits the shards."""
+"""Run a teacher once over R random views of every training image and store its targets.
+
+Rerunning the same command resumes; another teacher, sampler, codec or dataset is refused unless
+``--overwrite``.  ``torchrun --standalone --nproc_per_node=N experiments/gen_targets.py ...`` splits the shards.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data. With no arguments: a MoCo v2 ResNet-10t at 48 px
-on the built-in synthetic set, on CPU in under ten minutes, to ``runs/teacher-synthetic/model.safetensors``. A sample is
-one image. Rerunning the same command resumes; ``torchrun --nproc_per_node=N experiments/pretrain_teacher.py ...``
-trains with DDP."""
+"""Pretrain a self-supervised teacher (MoCo v2 or SimSiam) on --data.
+
+With no arguments: a MoCo v2 ResNet-10t at 48 px on the built-in synthetic set, on CPU in under ten minutes,
+to ``runs/teacher-synthetic/model.safetensors``.  A sample is one image.  Rerunning the same command resumes;
+``torchrun --nproc_per_node=N experiments/pretrain_teacher.py ...`` trains with DDP.
+"""
 
 from __future__ import annotations
 

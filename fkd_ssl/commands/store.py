@@ -1,5 +1,7 @@
-"""``python -m fkd_ssl.store COMMAND``: check (verify), describe (info), import-fkd and export-fkd target stores. Import
-and export never unpickle code and resume when rerun. Format: ``docs/store.md``."""
+"""``python -m fkd_ssl.store COMMAND``: check (verify), describe (info), import-fkd and export-fkd target stores.
+
+Import and export never unpickle code and resume when rerun.  Format: ``docs/store.md``.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Train (or fine-tune with ``--init``) a classifier on --data's own labels: a teacher for supervised FKD. The loop and
-flags of ``fkd-distill-sup --targets hard`` with a teacher's defaults (ResNet-18 at 64 px, 16 epochs, label smoothing
-0.1, output ``runs/classifier-<data>``). Rerunning the same command resumes."""
+"""Train (or fine-tune with ``--init``) a classifier on --data's own labels: a teacher for supervised FKD.
+
+The loop and flags of ``fkd-distill-sup --targets hard`` with a teacher's defaults (ResNet-18 at 64 px, 16 epochs,
+label smoothing 0.1, output ``runs/classifier-<data>``).  Rerunning the same command resumes.
+"""
 
 from __future__ import annotations
 

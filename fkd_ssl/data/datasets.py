@@ -1,5 +1,7 @@
-"""Indexed datasets: every item is ``(image, label, index)``, built from a ``--data`` spec string. The spec forms and
-fingerprints are described in the README; nothing is downloaded."""
+"""Indexed datasets: every item is ``(image, label, index)``, built from a ``--data`` spec string.
+
+The spec forms and fingerprints are described in the README; nothing is downloaded.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Robust image decoding shared by every dataset. All images become 8-bit RGB whatever they were stored as (grayscale,
-palette, CMYK, 16-bit, RGBA). A file that cannot be decoded raises :class:`~fkd_ssl.errors.DataError` naming it."""
+"""Robust image decoding shared by every dataset.
+
+All images become 8-bit RGB whatever they were stored as (grayscale, palette, CMYK, 16-bit,
+RGBA).  A file that cannot be decoded raises :class:`~fkd_ssl.errors.DataError` naming it.
+"""
 
 from __future__ import annotations
 

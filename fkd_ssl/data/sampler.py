@@ -1,6 +1,8 @@
-"""Deterministic, resumable, rank-aware batch sampling. :class:`EpochBatchSampler` yields batches of keys ``(index,
-epoch)`` for every remaining epoch; the ranks' slices of a global batch together equal the single-process run, and a
-resume yields the same batches."""
+"""Deterministic, resumable, rank-aware batch sampling.
+
+:class:`EpochBatchSampler` yields batches of keys ``(index, epoch)`` for every remaining epoch; the ranks'
+slices of a global batch together equal the single-process run, and a resume yields the same batches.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""The built-in ``synthetic`` dataset: seeded, procedurally drawn textures with clutter. Ten texture classes; colours,
-scale, orientation, phase and clutter are nuisance factors. Images are written once as JPEGs in ImageFolder layout under
-``<root>/synthetic-v2-<options>/`` (atomically renamed into place); each is a pure function of ``(seed, split,
-index)``."""
+"""The built-in ``synthetic`` dataset: seeded, procedurally drawn textures with clutter.
+
+Ten texture classes; colours, scale, orientation, phase and clutter are nuisance factors.  Images are
+written once as JPEGs in ImageFolder layout under ``<root>/synthetic-v2-<options>/`` (atomically renamed
+into place); each is a pure function of ``(seed, split, index)``.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ class SyntheticConfig:
         return f"synthetic-v{FORMAT_VERSION}-n{self.train}-{self.val}-s{self.size}-seed{self.seed}"
 
 
+# ---------------------------------------------------------------- shapes (unit coordinates)
+
+
 def _regular(n: int, r: float = 1.0, phase: float = 0.0) -> np.ndarray:
     t = phase + 2 * math.pi * np.arange(n) / n
     return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
@@ -90,6 +95,8 @@ def _shape_parts(name: str) -> list[tuple[np.ndarray, bool]]:
 
 
 _PARTS = {name: _shape_parts(name) for name in SHAPES}
+
+# ---------------------------------------------------------------- rendering
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:

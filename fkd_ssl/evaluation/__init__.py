@@ -1,5 +1,7 @@
-"""Evaluators: frozen features (cached), kNN (faiss) and linear probes, and their results table. :mod:`.commands` is
-what ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py`` run."""
+"""Evaluators: frozen features (cached), kNN (faiss) and linear probes, and their results table.
+
+:mod:`.commands` is what ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py`` run.
+"""
 
 from .features import (FeatureSet, FeatureSource, cache_key, eval_transform, extract_features, load_cached,
                        resolve_source, spec_eval_transform)

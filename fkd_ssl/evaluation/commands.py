@@ -1,5 +1,7 @@
-"""The wiring behind ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py``. Each ``run_*`` runs one
-evaluation, writes ``<out>/<protocol>.json`` and appends to ``--results``."""
+"""The wiring behind ``eval/knn.py``, ``eval/linear_probe.py`` and ``eval/report.py``.
+
+Each ``run_*`` runs one evaluation, writes ``<out>/<protocol>.json`` and appends to ``--results``.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Frozen features of any model on any dataset, cached on disk and shared by every evaluator. The ``--checkpoint``
-forms, the eval transform and the cache layout are in docs/evaluation.md."""
+"""Frozen features of any model on any dataset, cached on disk and shared by every evaluator.
+
+The ``--checkpoint`` forms, the eval transform and the cache layout are in docs/evaluation.md.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ DEFAULT_PIXEL_SIZE = 32
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
+# ----------------------------------------------------------------------------- transforms
+
+
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
                    interpolation: str = "bilinear", crop_pct: float = 0.875) -> tuple[Callable, dict]:
     """Resize (shorter side to ``round(S / crop_pct)``) + centre crop ``S`` + normalise; also its JSON description."""
@@ -57,6 +62,9 @@ def spec_eval_transform(spec: ModelSpec, input_size: int | None = None) -> tuple
     """:func:`eval_transform` from a model spec (``input_size`` overrides ``spec.input_size``)."""
     return eval_transform(input_size or spec.input_size, spec.mean, spec.std, spec.interpolation,
                           float(spec.extra.get("crop_pct", 0.875)))
+
+
+# ----------------------------------------------------------------------------- feature sources
 
 
 @dataclass
@@ -171,6 +179,9 @@ def default_out_dir(source: FeatureSource) -> Path:
     return Path("runs") / "eval" / _slug(source.name)
 
 
+# ----------------------------------------------------------------------------- the cache
+
+
 @dataclass
 class FeatureSet:
     """Features ``(N, D)`` and labels ``(N,)`` of one split, with the cache manifest."""
@@ -263,7 +274,9 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
                      workers: int = 2, cache_dir: str | os.PathLike | None = None, dtype: str = "float16",
                      flush_every: int = 50, progress: bool = True) -> FeatureSet | None:
     """Features ``(N, D)`` of every image of ``dataset`` (in dataset order), cached under ``cache_dir`` if given.
-    Collective under DDP: rank 0 gets the :class:`FeatureSet`, others ``None``."""
+
+    Collective under DDP: rank 0 gets the :class:`FeatureSet`, others ``None``.
+    """
     if dtype not in DTYPES:
         raise ConfigError(f"--cache-dtype {dtype!r}: one of {', '.join(DTYPES)}")
     start = time.time()

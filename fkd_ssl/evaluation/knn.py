@@ -1,5 +1,7 @@
-"""k-nearest-neighbour classification of frozen features (exact cosine search with faiss). Banks are indexed in chunks
-and their top-k merged; voting (weighted / majority) is in docs/evaluation.md."""
+"""k-nearest-neighbour classification of frozen features (exact cosine search with faiss).
+
+Banks are indexed in chunks and their top-k merged; voting (weighted / majority) is in docs/evaluation.md.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Fast linear probe: multinomial logistic regression (full-batch L-BFGS) on cached frozen features. The protocol
-(held-out weight-decay sweep, then a refit) is in docs/evaluation.md."""
+"""Fast linear probe: multinomial logistic regression (full-batch L-BFGS) on cached frozen features.
+
+The protocol (held-out weight-decay sweep, then a refit) is in docs/evaluation.md.
+"""
 
 from __future__ import annotations
 
@@ -59,8 +61,10 @@ def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torc
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, *, max_iter: int = 100,
                  init: LinearModel | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                  tol: float = 1e-6) -> LinearModel:
-    """Minimise ``mean CE + wd/2 ||W||^2`` on standardised ``x`` (N, D) with labels ``y`` (N,). ``stats`` = (mean, std)
-    to standardise with (default: ``x``'s); ``init`` warm-starts from another fit."""
+    """Minimise ``mean CE + wd/2 ||W||^2`` on standardised ``x`` (N, D) with labels ``y`` (N,).
+
+    ``stats`` = (mean, std) to standardise with (default: ``x``'s); ``init`` warm-starts from another fit.
+    """
     if wd < 0:
         raise ConfigError(f"weight decay must be >= 0, got {wd}")
     if init is not None:

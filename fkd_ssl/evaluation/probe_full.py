@@ -1,5 +1,7 @@
-"""Full linear probe: the standard protocol (MoCo v3 style, SGD, 90 epochs) for GPU runs. Resumes from its state after
-every epoch; a state made with other settings is refused (docs/evaluation.md)."""
+"""Full linear probe: the standard protocol (MoCo v3 style, SGD, 90 epochs) for GPU runs.
+
+Resumes from its state after every epoch; a state made with other settings is refused (docs/evaluation.md).
+"""
 
 from __future__ import annotations
 

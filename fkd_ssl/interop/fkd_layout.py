@@ -1,5 +1,7 @@
-"""The published FKD soft-label layout (one ``torch.save`` file per image) <-> target stores. Layout, geometry and
-limits: ``docs/store.md``, "Published FKD soft labels"."""
+"""The published FKD soft-label layout (one ``torch.save`` file per image) <-> target stores.
+
+Layout, geometry and limits: ``docs/store.md``, "Published FKD soft labels".
+"""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ IMPORT_CHUNK = 16
 FP16_MAX_CLASSES = 2048
 
 _FLIP = PARAM_FIELDS.index("flip")
+
+
+# ----------------------------------------------------------------------------- naming
 
 
 def label_relpath(image_rel: str, split: str) -> str:
@@ -89,6 +94,9 @@ def match_tree(expected: Sequence[str], present: dict[str, int], root: Path, ima
         parts.append(f"{len(extra)} label files have no image (first: {root / extra[0]})")
     if parts:
         raise DataError(f"FKD folder {root} does not match the images of --data {data_name}: " + "; ".join(parts))
+
+
+# ----------------------------------------------------------------------------- safe reading
 
 
 def numpy_safe_globals() -> list:
@@ -207,6 +215,9 @@ def label_type_name(layout: str, k: int, mode: str) -> str:
     return f"marginal_smoothing_k{k}" if mode == "smooth" else "marginal_renorm"
 
 
+# ----------------------------------------------------------------------------- geometry
+
+
 def fkd_crop_box(coords: np.ndarray, height: int, width: int) -> np.ndarray:
     """The pixel boxes the reference code crops: int64 (R, 4) ``[top, left, bottom, right]``."""
     c = np.asarray(coords, dtype=np.float64)
@@ -239,6 +250,9 @@ def _image_size(path: Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read the size of image {path}: {e}") from None
     return int(h), int(w)
+
+
+# ----------------------------------------------------------------------------- import
 
 
 def topk_fields(labels: FKDLabels, num_classes: int, path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -400,6 +414,9 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
     finalize(out)
     result.already_complete = False
     return result
+
+
+# ----------------------------------------------------------------------------- export
 
 
 def params_to_coords(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

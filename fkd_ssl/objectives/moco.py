@@ -1,5 +1,7 @@
-"""MoCo v2's objective: a momentum (key) encoder, a FIFO queue of keys and symmetric InfoNCE. Both loss terms use the
-queue as it was before the step; :meth:`MoCoObjective.state` saves the queue."""
+"""MoCo v2's objective: a momentum (key) encoder, a FIFO queue of keys and symmetric InfoNCE.
+
+Both loss terms use the queue as it was before the step; :meth:`MoCoObjective.state` saves the queue.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""ReLabel's label maps, kept in a target store: per image the teacher's top-k class scores at every location (R = 1,
-fields ``indices`` int16 and ``values`` float16 (h, w, k)). Format: ``docs/relabel.md``."""
+"""ReLabel's label maps, kept in a target store: per image the teacher's top-k class scores at every
+location (R = 1, fields ``indices`` int16 and ``values`` float16 (h, w, k)).  Format: ``docs/relabel.md``.
+"""
 
 from __future__ import annotations
 
@@ -184,9 +185,11 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
                      batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu", amp: bool = True,
                      overwrite: bool = False, show_progress: bool = True, provenance: dict | None = None,
                      shard_size: int = 4096, rank: int = 0, world_size: int = 1) -> LabelMapStats:
-    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps. Under
-    ``torchrun`` rank 0 first calls :func:`open_label_map_writer` with ``shards=[]``, every rank then calls this, and
-    rank 0 finalizes after a barrier."""
+    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps.
+
+    Under ``torchrun`` rank 0 first calls :func:`open_label_map_writer` with ``shards=[]``, every rank then
+    calls this, and rank 0 finalizes after a barrier.
+    """
     device = torch.device(device)
     model = model.to(device).eval()
     for p in model.parameters():

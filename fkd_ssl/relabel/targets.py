@@ -1,5 +1,7 @@
-"""ReLabel's targets: a classifier's class scores at every location, pooled over a crop's box. Conventions (RoIAlign
-alignment, map coordinates): ``docs/relabel.md``."""
+"""ReLabel's targets: a classifier's class scores at every location, pooled over a crop's box.
+
+Conventions (RoIAlign alignment, map coordinates): ``docs/relabel.md``.
+"""
 
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ def _feature_map(model: Encoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def dense_scores(model: Encoder, x: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """The teacher's class-score map: normalised images ``(B, 3, S, S)`` -> float32 logits ``(B, C, h, w)``. With
-    ``check``, the map's spatial mean must equal the model's pooled logits (else ConfigError)."""
+    """The teacher's class-score map: normalised images ``(B, 3, S, S)`` -> float32 logits ``(B, C, h, w)``.
+
+    With ``check``, the map's spatial mean must equal the model's pooled logits (else ConfigError).
+    """
     weight, bias = classifier_weights(model)
     fmap, ref = _feature_map(model, x)
     D = weight.shape[1]
@@ -111,9 +115,11 @@ def box_rois(boxes: ArrayLike, height: int, width: int) -> torch.Tensor:
 
 def relabel_targets(values: ArrayLike, indices: ArrayLike | None, boxes: ArrayLike,
                     num_classes: int | None = None) -> torch.Tensor:
-    """ReLabel's label of each crop (LabelPooling): float32 ``(K, C)`` class probabilities. ``values``/``indices``: the
-    map as top-k ``([K,] h, w, k)``, or with ``indices=None`` a dense ``([K,] C, h, w)``; ``boxes``: ``(K, 4)`` crop
-    boxes as fractions (docs/relabel.md)."""
+    """ReLabel's label of each crop (LabelPooling): float32 ``(K, C)`` class probabilities.
+
+    ``values``/``indices``: the map as top-k ``([K,] h, w, k)``, or with ``indices=None`` a dense
+    ``([K,] C, h, w)``; ``boxes``: ``(K, 4)`` crop boxes as fractions (docs/relabel.md).
+    """
     from torchvision.ops import roi_align
 
     if indices is None:

@@ -1,6 +1,8 @@
-"""Target codecs: how one teacher output per view is packed into fixed-dtype fields. Encoding is deterministic and
-row-independent, so a store written in other batches is byte-identical. The codecs, their fields and their errors are
-tabled in docs/store.md."""
+"""Target codecs: how one teacher output per view is packed into fixed-dtype fields.
+
+Encoding is deterministic and row-independent, so a store written in other batches is
+byte-identical.  The codecs, their fields and their errors are tabled in docs/store.md.
+"""
 
 from __future__ import annotations
 
@@ -166,9 +168,11 @@ class Int8Codec(Codec):
 
 
 class PQCodec(Codec):
-    """Product quantisation: D split into M sub-vectors, each coded by one of 256 centroids (field ``codes``). The
-    codebooks (faiss k-means, fixed seed, one thread) are the codec state. Codes are batch-independent: near-ties are
-    re-decided in fixed-order float64 (docs/store.md)."""
+    """Product quantisation: D split into M sub-vectors, each coded by one of 256 centroids (field ``codes``).
+
+    The codebooks (faiss k-means, fixed seed, one thread) are the codec state.  Codes are
+    batch-independent: near-ties are re-decided in fixed-order float64 (docs/store.md).
+    """
 
     name = "pq"
     trained = True
@@ -332,8 +336,10 @@ class PQCodec(Codec):
 
 
 class TopKCodec(Codec):
-    """Top-k class probabilities: fields ``idx`` uint16 (k,) and ``val`` float16 (k,), by descending value. Decoding
-    ``mode``: ``"smooth"`` (FKD's marginal smoothing of the remaining mass) or ``"renorm"``."""
+    """Top-k class probabilities: fields ``idx`` uint16 (k,) and ``val`` float16 (k,), by descending value.
+
+    Decoding ``mode``: ``"smooth"`` (FKD's marginal smoothing of the remaining mass) or ``"renorm"``.
+    """
 
     name = "topk"
     MODES = ("smooth", "renorm")

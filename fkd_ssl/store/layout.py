@@ -1,5 +1,8 @@
-"""On-disk layout of a target store: file names, the record dtype, atomic JSON and checksums. The files of a store and
-what each holds: docs/store.md. Shard ``s`` holds images ``[s * shard_size, min((s + 1) * shard_size, N))``."""
+"""On-disk layout of a target store: file names, the record dtype, atomic JSON and checksums.
+
+The files of a store and what each holds: docs/store.md.  Shard ``s`` holds images
+``[s * shard_size, min((s + 1) * shard_size, N))``.
+"""
 
 from __future__ import annotations
 

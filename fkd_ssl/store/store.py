@@ -1,5 +1,7 @@
-"""Reading a finished target store: random access to any (image, view) record. Shard files are memory-mapped lazily per
-process, so a store opened before ``fork`` is safe after it."""
+"""Reading a finished target store: random access to any (image, view) record.
+
+Shard files are memory-mapped lazily per process, so a store opened before ``fork`` is safe after it.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class TargetStore:
         self._fields = [n for n in self.dtype.names if n != L.PARAMS_FIELD]
         self._maps: dict[int, np.memmap] = {}
         self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ opening / checking
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, expect_identity: dict | None = None) -> "TargetStore":
@@ -138,6 +142,8 @@ class TargetStore:
         """Total bytes of the store's checksummed files."""
         return sum((self.path / n).stat().st_size for n in self.files())
 
+    # ------------------------------------------------------------------ reading
+
     def valid_indices(self) -> np.ndarray:
         """int64 (N - skipped,): image indices that have targets (ascending)."""
         return np.nonzero(~self._skip_mask)[0].astype(np.int64)
@@ -196,6 +202,8 @@ class TargetStore:
 
     def _decode(self, rec: np.ndarray) -> np.ndarray:
         return self.codec.decode({f: rec[f] for f in self._fields})
+
+    # ------------------------------------------------------------------ pickling (spawned workers)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

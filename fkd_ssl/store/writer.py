@@ -1,5 +1,7 @@
-"""Writing a target store: resumable, sharded, one writer process per set of shards. Usage, resume, ranks and crash
-safety (records flushed before done flags): docs/store.md."""
+"""Writing a target store: resumable, sharded, one writer process per set of shards.
+
+Usage, resume, ranks and crash safety (records flushed before done flags): docs/store.md.
+"""
 
 from __future__ import annotations
 
@@ -84,14 +86,17 @@ class StoreWriter:
         self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
 
+    # ------------------------------------------------------------------ creation / resume
+
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike, identity: StoreIdentity | dict, *, num_images: int, views_per_image: int,
                          param_dim: int, target_dim: int, codec: Codec, shard_size: int = 4096,
                          overwrite: bool = False, shards: Iterable[int] | None = None,
                          provenance: dict | None = None, sync: bool = True) -> "StoreWriter":
-        """Create the store at ``path`` or resume the one there (same identity, sizes and codec, else ConfigError naming
-        the differing keys; ``overwrite=True`` replaces it). A trained codec may be passed unfitted when resuming.
-        ``shards``: those this process writes (default all)."""
+        """Create the store at ``path`` or resume the one there (same identity, sizes and codec, else
+        ConfigError naming the differing keys; ``overwrite=True`` replaces it).  A trained codec may be
+        passed unfitted when resuming.  ``shards``: those this process writes (default all).
+        """
         path = Path(path)
         for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
                             ("param_dim", param_dim, 0), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
@@ -186,6 +191,8 @@ class StoreWriter:
                   "provenance": L.normalise(provenance, "provenance")}
         L.write_json_atomic(path / L.HEADER, header, exclusive=True)  # first creator wins
         _log(path, "create")
+
+    # ------------------------------------------------------------------ shards
 
     def _range(self, s: int) -> tuple[int, int]:
         return L.shard_range(s, self.num_images, self.shard_size)
