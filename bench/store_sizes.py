@@ -1,7 +1,7 @@
 """Expected target-store sizes for ImageNet-1k, computed from the store format (fkd_ssl.store.sizes).
 
 The totals are the exact sizes of the ``shard-*.records.npy`` and ``shard-*.done.npy`` files;
-``tests/test_store_sizes.py`` checks them against real stores and the table in experiments/recipes/README.md.
+``tests/test_store_sizes.py`` checks them against real stores and the table in docs/recipes/README.md.
 
     python bench/store_sizes.py                       # the markdown table (ImageNet-1k)
     python bench/store_sizes.py --images 50000 --views 40,200

@@ -1,6 +1,6 @@
 """fkd_ssl.store.sizes (printed by bench/store_sizes.py) against real stores: its bytes-per-view and
 total-size formulas must be exactly what StoreWriter writes, and the size table in
-experiments/recipes/README.md must be its current output (so the recipes' numbers cannot drift)."""
+docs/recipes/README.md must be its current output (so the recipes' numbers cannot drift)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fkd_ssl.store import sizes as S
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "store_sizes.py"
-RECIPES = ROOT / "experiments" / "recipes" / "README.md"
+RECIPES = ROOT / "docs" / "recipes" / "README.md"
 
 N, R, SHARD = 23, 3, 10  # 3 shards, the last holding 3 images
 SKIP = 7  # one image recorded as unreadable: its records still take their place
@@ -111,7 +111,7 @@ def test_recipes_table_is_current():
     text = RECIPES.read_text()
     m = re.search(r"<!-- store_sizes:begin -->\n(.*?)<!-- store_sizes:end -->", text, re.S)
     assert m, f"{RECIPES} has no store_sizes block"
-    assert m.group(1) == S.render(), ("the size table in experiments/recipes/README.md is stale: "
+    assert m.group(1) == S.render(), ("the size table in docs/recipes/README.md is stale: "
                                       "replace it with the output of python bench/store_sizes.py")
 
 
@@ -124,8 +124,8 @@ def test_script_runs():
 
 # ----------------------------------------------------------------------------- the recipes' commands
 
-RECIPE_FILES = [RECIPES, ROOT / "experiments" / "recipes" / "imagenet_ssl.sh",
-                ROOT / "experiments" / "recipes" / "imagenet_sup.sh"]
+RECIPE_FILES = [RECIPES, ROOT / "docs" / "recipes" / "imagenet_ssl.sh",
+                ROOT / "docs" / "recipes" / "imagenet_sup.sh"]
 CHECKED = ("experiments/pretrain_teacher.py", "experiments/gen_targets.py", "experiments/distill_ssl.py",
            "experiments/distill_sup.py", "experiments/gen_label_map.py", "eval/knn.py", "eval/linear_probe.py")
 UNCHECKED = ("eval/report.py",)  # takes no flags

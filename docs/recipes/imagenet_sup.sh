@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # ImageNet-1k on one node with 8 GPUs, supervised FKD: a classifier teacher's top-5 soft labels
 # over R = 500 stored views per image -> ResNet-50 student with 4 crops per image per step.
-# Explained in experiments/recipes/README.md.
+# Explained in docs/recipes/README.md.
 #
-#   bash experiments/recipes/imagenet_sup.sh STEP        STEP: targets | students | baselines
+#   bash docs/recipes/imagenet_sup.sh STEP        STEP: targets | students | baselines
 #
 # Every step resumes when it is run again with the same settings.
 set -euo pipefail

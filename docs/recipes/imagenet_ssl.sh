@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # ImageNet-1k on one node with 8 GPUs: MoCo v2 ResNet-50 teacher -> target store -> ResNet-18
 # students (FKD-SSL InfoNCE, SEED, soft-ce, DisCo-style) -> kNN and linear probe.
-# Explained step by step in experiments/recipes/README.md.
+# Explained step by step in docs/recipes/README.md.
 #
-#   bash experiments/recipes/imagenet_ssl.sh STEP
+#   bash docs/recipes/imagenet_ssl.sh STEP
 #
 # STEP (in order): teacher | targets | students | baselines | eval
 #   or, with an existing MoCo v2 checkpoint instead of training one:
