@@ -125,12 +125,15 @@ SSL_STUDY = [
     ("InfoNCE, SGD 0.125", 8, ["--optimizer", "sgd", "--lr", "0.125", "--weight-decay", "5e-4", "--warmup-epochs", "4",
                                "--no-center"]),
     ("InfoNCE, SGD 0.125, centred", 8, ["--optimizer", "sgd", "--lr", "0.125", "--weight-decay", "5e-4",
-                                        "--warmup-epochs", "4"]),
-    ("cosine + predictor (SimReg), AdamW 5e-3, centred", 8, ["--loss", "cosine", "--predictor-hidden", "512"]),
-    ("cosine + predictor (SimReg), AdamW 5e-3, centred", 16, ["--loss", "cosine", "--predictor-hidden", "512"]),
-    ("InfoNCE, AdamW 5e-3, not centred", 16, ["--no-center"]),
-    ("InfoNCE, AdamW 5e-3, centred (default)", 8, []),
-    ("InfoNCE, AdamW 5e-3, centred (default)", 16, []),
+                                        "--warmup-epochs", "4", "--center"]),
+    ("cosine + predictor (SimReg), AdamW 5e-3, centred", 8, ["--loss", "cosine", "--predictor-hidden", "512",
+                                                             "--center"]),
+    ("cosine + predictor (SimReg), AdamW 5e-3, centred", 16, ["--loss", "cosine", "--predictor-hidden", "512",
+                                                              "--center"]),
+    ("InfoNCE, AdamW 5e-3 (the default)", 8, []),
+    ("InfoNCE, AdamW 5e-3 (the default)", 16, []),
+    ("InfoNCE, AdamW 5e-3, centred", 8, ["--center"]),
+    ("InfoNCE, AdamW 5e-3, centred", 16, ["--center"]),
 ]
 
 
@@ -142,8 +145,8 @@ def ssl_study_rows(a, common: list[str], out: Path) -> list[dict]:
             {"name": f"random init ({a.arch}, {a.ssl_size} px)", "epochs": None,
              "acc": _knn20(out / "random-init", common, ["--checkpoint", f"random:{a.arch}", "--input-size",
                                                           a.ssl_size])}]
-    for i, (name, epochs, flags) in enumerate(SSL_STUDY):
-        run = out / f"ssl-study-{i}-e{epochs}"
+    for name, epochs, flags in SSL_STUDY:
+        run = out / f"ssl-study-e{epochs}-{'-'.join(f.strip('-') for f in flags) or 'default'}"
         _call(distill_ssl.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.ssl_size,
                                  "--crops-per-image", 4, "--epochs", epochs, "--batch-size", a.batch, *flags,
                                  "--out", run])

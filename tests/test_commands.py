@@ -85,7 +85,7 @@ def test_distill_ssl_defaults_count_samples():
 
     a = distill_ssl.build_parser().parse_args([])
     assert (a.epochs, a.batch_size, a.crops_per_image) == (80, 512, 4)  # 20 passes of 128 images x 4 views
-    assert (a.optimizer, a.lr, a.weight_decay, a.warmup_epochs, a.center) == ("adamw", 5e-3, 0.05, 1.0, True)
+    assert (a.optimizer, a.lr, a.weight_decay, a.warmup_epochs, a.center) == ("adamw", 5e-3, 0.05, 1.0, False)
     for flag in ("--epochs", "--batch-size", "--lr", "--warmup-epochs"):
         assert flag in distill_ssl.build_parser().format_help()
 

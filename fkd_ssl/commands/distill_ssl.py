@@ -64,7 +64,7 @@ def build_parser():
                    help="SEED student temperature")
     p.add_argument("--queue-size", type=cli.nonneg_int("--queue-size"), default=4096,
                    help="earlier teacher targets kept as negatives (infonce) / reference points (seed)")
-    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=False,
                    help="subtract an EMA of the mean target first (DINO's centring; pretrained features share a "
                         "large common direction)")
     p.add_argument("--multi-positive", action="store_true",
