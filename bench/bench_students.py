@@ -165,11 +165,11 @@ def render_study(rows: list[dict]) -> str:
 
 def render(rows: list[dict], a) -> str:
     bn = any(r.get("bn") is not None for r in rows)
-    lines = ["| variant | K | accuracy | " + ("BN recomputed | " if bn else "") + "s / epoch | vs K = 1 |",
+    lines = ["| variant | K | accuracy | " + ("BN recomputed | " if bn else "") + "s / epoch | speed vs K = 1 |",
              "|---|---|---|" + ("---|" if bn else "") + "---|---|"]
     for r in rows:
         base = next((b for b in rows if b["variant"] == r["variant"] and b["K"] == 1), None)
-        speed = (f"{base['s_per_epoch'] / r['s_per_epoch']:.2f}x faster" if base and r["s_per_epoch"] else "")
+        speed = (f"{base['s_per_epoch'] / r['s_per_epoch']:.2f}x" if base and r["s_per_epoch"] else "")
         sec = f"{r['s_per_epoch']:.2f}" if r["s_per_epoch"] else "—"
         what = "val top-1" if r["variant"] == "sup" else "kNN top-1"
         recal = (f"{r['bn']:.1f} | " if r.get("bn") is not None else "— | ") if bn else ""
@@ -197,6 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
         tw = ax.twinx()
         tw.plot(ks, [r["s_per_epoch"] for r in rs], "s--", color="C1", label="s / epoch")
         tw.set_ylabel("seconds per epoch", color="C1")
+        tw.set_ylim(bottom=0)
         ax.set_title("supervised (soft labels)" if variant == "sup" else "self-supervised (features)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
