@@ -71,6 +71,16 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def session(device: str = "auto"):
+    """A command's body: :func:`setup` before it, :func:`cleanup` after it (also on error)."""
+    ctx = setup(device)
+    try:
+        yield ctx
+    finally:
+        cleanup()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -1,27 +1,11 @@
-"""The whole FKD pipeline in one command (``fkd-quickstart`` / ``experiments/quickstart.py``).
+"""The quick start's pipeline (``fkd-quickstart``): its stages, their ledger and the summary.
 
-A *stage* is one run of one of the project's commands (:mod:`fkd_ssl.commands`) with a fixed
-argument list; :func:`plan` lists them in order:
-
-1. SSL variant: MoCo teacher (``pretrain_teacher.py``) -> stores of the MoCo teacher's
-   projections and of the ImageNet EfficientNet-Lite0 teacher's features (``gen_targets.py``)
-   -> FKD students from each store, the online-teacher student, and the student architecture
-   trained by MoCo alone for the FKD student's wall-clock time (``distill_ssl.py``,
-   ``pretrain_teacher.py``);
-2. supervised variant: a classifier teacher on the dataset's labels (``train_classifier.py``)
-   -> its top-k soft labels (``gen_targets.py``) and ReLabel label map (``gen_label_map.py``)
-   -> FKD, plain-label and ReLabel students (``distill_sup.py``); and the ImageNet variant in
-   miniature: EfficientNet-Lite0's 1000-class top-k soft labels -> a 1000-way FKD student;
-3. kNN and linear probe of every model, of the EfficientNet-Lite0 teacher as it is, and of the
-   random-init and raw-pixel baselines.
-
-Each stage runs in this process through the command's own ``main(argv)``, so what it does is
-exactly what the printed command (its console script) does.  ``<out>/pipeline.json`` records
-finished stages (their wall time and command): rerunning the quick start skips them and resumes the
-unfinished one (every command resumes its own output).  :func:`summarize` writes the final
-table (kNN / linear top-1, training wall time, views/s, store size) as ``report.md`` and
-``summary.csv`` and the figure ``accuracy_vs_time.png``.
-"""
+A *stage* is one run of one of the project's commands (:mod:`fkd_ssl.commands`) with a fixed argument
+list; :func:`plan` lists them (what they train and evaluate: ``fkd-quickstart --help``).  Each runs in
+this process through the command's own ``main(argv)``, so it does exactly what its printed command
+does.  ``<out>/pipeline.json`` records finished stages (wall time, command): a rerun skips them and
+resumes the unfinished one.  :func:`summarize` writes ``report.md``, ``summary.csv`` and
+``accuracy_vs_time.png``."""
 
 from __future__ import annotations
 
@@ -96,78 +80,73 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
          data: str | None = None) -> list[Stage]:
     """The stages, in order (see the module docstring)."""
     z = sizes
-    data = data or z.data
-    common = ["--data", data, "--data-root", data_root, "--device", device, "--seed", str(seed)]
+    common = ["--data", data or z.data, "--data-root", data_root, "--device", device, "--seed", str(seed),
+              "--workers", str(workers)]
     run = out / "runs"
     t_moco, t_cls = run / "teacher-moco", run / "classifier"
     s_moco, s_eff, s_cls, lmap = run / "store-moco", run / "store-effnet", run / "store-classifier", run / "labelmap"
     s_eff_probs = run / "store-effnet-probs"
-    teacher_train = [*common, "--workers", str(workers), "--arch", z.teacher_arch, "--stem", z.stem,
-                     "--input-size", str(z.size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden),
-                     "--batch-size", str(z.batch)]
-    gen = [*common, "--workers", str(workers), "--views-per-image", str(z.views_per_image)]
+
+    def trains(name: str, command: str, argv: list[str], folder: Path, variant: str, teacher: str,
+               store: Path | None = None, argv_fn=None) -> Stage:
+        return Stage(name, command, [*argv, "--out", str(folder)], variant, teacher, model=folder / "model.safetensors",
+                     store=store, argv_fn=argv_fn)
+
+    def fills(name: str, command: str, argv: list[str], folder: Path, variant: str, teacher: str) -> Stage:
+        return Stage(name, command, [*argv, "--out", str(folder)], variant, teacher, store=folder)
+
+    teacher_train = [*common, "--arch", z.teacher_arch, "--stem", z.stem, "--input-size", str(z.size), "--queue-size",
+                     str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size", str(z.batch)]
+    gen = [*common, "--views-per-image", str(z.views_per_image)]
+    def effnet(target: str) -> list[str]:
+        return [*gen, "--teacher", "effnet-lite0", "--target", target, "--view-size", str(z.effnet_view),
+                "--batch-size", "128"]
+
     # distill_ssl's default schedule per image (lr 0.06 per 256 images, one warm-up pass) at K = crops
-    ssl_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
-                   "--input-size", str(z.student_size), "--crops-per-image", str(z.crops), "--epochs",
-                   str(z.student_passes * z.crops), "--batch-size", str(z.batch), "--lr", f"{0.06 / z.crops:g}",
-                   "--warmup-epochs", str(z.crops), "--queue-size", str(z.queue * 4), "--head-hidden", str(z.head_hidden)]
+    ssl_student = [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
+                   "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes * z.crops), "--batch-size",
+                   str(z.batch), "--lr", f"{0.06 / z.crops:g}", "--warmup-epochs", str(z.crops), "--queue-size",
+                   str(z.queue * 4), "--head-hidden", str(z.head_hidden)]
     # one stored crop per step and image: over a few passes K > 1 visits each image too rarely (docs/supervised.md)
-    sup_student = [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem,
-                   "--input-size", str(z.student_size), "--batch-size", str(z.batch), "--epochs",
-                   str(z.student_passes * z.crops)]
+    sup_student = [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
+                   "--batch-size", str(z.batch), "--epochs", str(z.student_passes * z.crops)]
+    t_moco_model, t_cls_model = str(t_moco / "model.safetensors"), str(t_cls / "model.safetensors")
     stages = [
-        Stage("MoCo teacher", "pretrain_teacher",
-              [*teacher_train, "--epochs", str(z.teacher_epochs), "--out", str(t_moco)], "ssl", "moco",
-              model=t_moco / "model.safetensors"),
-        Stage("store: MoCo teacher", "gen_targets",
-              [*gen, "--teacher", str(t_moco / "model.safetensors"), "--out", str(s_moco)], "ssl", "moco",
-              store=s_moco),
-        Stage("store: EfficientNet-Lite0", "gen_targets",
-              [*gen, "--teacher", "effnet-lite0", "--target", "feature", "--view-size", str(z.effnet_view),
-               "--batch-size", "128", "--out", str(s_eff)], "ssl", "effnet-lite0", store=s_eff),
-        Stage("FKD student (MoCo store)", "distill_ssl",
-              [*ssl_student, "--store", str(s_moco), "--out", str(run / "fkd-moco")], "ssl", "moco",
-              model=run / "fkd-moco" / "model.safetensors", store=s_moco),
-        Stage("FKD student (EffNet store)", "distill_ssl",
-              [*ssl_student, "--store", str(s_eff), "--out", str(run / "fkd-effnet")], "ssl", "effnet-lite0",
-              model=run / "fkd-effnet" / "model.safetensors", store=s_eff),
-        Stage("online-teacher student (MoCo)", "distill_ssl",
-              [*ssl_student, "--store", str(s_moco), "--online-teacher", str(t_moco / "model.safetensors"),
-               "--out", str(run / "online-moco")], "ssl", "moco", model=run / "online-moco" / "model.safetensors"),
-        Stage("MoCo alone (student arch, FKD's time)", "pretrain_teacher",
-              [*common, "--workers", str(workers), "--arch", z.student_arch, "--stem", z.stem, "--input-size",
-               str(z.student_size), "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size",
-               str(z.batch), "--epochs", "100", "--out", str(run / "moco-alone")], "ssl", "none",
-              model=run / "moco-alone" / "model.safetensors", argv_fn=_same_time_as(run / "fkd-moco")),
-        Stage("classifier teacher", "train_classifier",
-              [*common, "--workers", str(workers), "--arch", z.teacher_arch, "--stem", z.stem, "--input-size",
-               str(z.size), "--batch-size", str(z.batch), "--epochs", str(z.classifier_epochs), "--no-val",
-               "--out", str(t_cls)], "sup", "classifier", model=t_cls / "model.safetensors"),
-        Stage("store: classifier soft labels", "gen_targets",
-              [*gen, "--teacher", str(t_cls / "model.safetensors"), "--out", str(s_cls)], "sup", "classifier",
-              store=s_cls),
-        Stage("ReLabel label map", "gen_label_map",
-              [*common, "--workers", str(workers), "--teacher", str(t_cls / "model.safetensors"), "--input-size",
-               str(z.label_map_size), "--out", str(lmap)],
-              "sup", "classifier", store=lmap),
-        Stage("FKD student (soft labels)", "distill_sup",
-              [*sup_student, "--store", str(s_cls), "--crops-per-image", "1", "--out", str(run / "sup-fkd")],
-              "sup", "classifier", model=run / "sup-fkd" / "model.safetensors", store=s_cls),
-        Stage("store: EfficientNet-Lite0 soft labels", "gen_targets",
-              [*gen, "--teacher", "effnet-lite0", "--target", "probs", "--view-size", str(z.effnet_view),
-               "--batch-size", "128", "--out", str(s_eff_probs)], "sup", "effnet-lite0", store=s_eff_probs),
-        Stage("FKD student (EffNet soft labels)", "distill_sup",  # a 1000-way ImageNet classifier
-              [*sup_student, "--store", str(s_eff_probs), "--crops-per-image", "1", "--out",
-               str(run / "sup-fkd-effnet")], "sup", "effnet-lite0", model=run / "sup-fkd-effnet" / "model.safetensors",
-              store=s_eff_probs),
-        Stage("plain-label student", "distill_sup",
-              [*sup_student, "--targets", "hard", "--out", str(run / "sup-plain")], "sup", "none",
-              model=run / "sup-plain" / "model.safetensors"),
-        Stage("ReLabel student", "distill_sup",
-              [*sup_student, "--targets", "relabel", "--label-map", str(lmap), "--out", str(run / "sup-relabel")],
-              "sup", "classifier", model=run / "sup-relabel" / "model.safetensors", store=lmap),
+        trains("MoCo teacher", "pretrain_teacher", [*teacher_train, "--epochs", str(z.teacher_epochs)], t_moco, "ssl",
+               "moco"),
+        fills("store: MoCo teacher", "gen_targets", [*gen, "--teacher", t_moco_model], s_moco, "ssl", "moco"),
+        fills("store: EfficientNet-Lite0", "gen_targets", effnet("feature"), s_eff, "ssl", "effnet-lite0"),
+        trains("FKD student (MoCo store)", "distill_ssl", [*ssl_student, "--store", str(s_moco)], run / "fkd-moco",
+               "ssl", "moco", s_moco),
+        trains("FKD student (EffNet store)", "distill_ssl", [*ssl_student, "--store", str(s_eff)], run / "fkd-effnet",
+               "ssl", "effnet-lite0", s_eff),
+        trains("online-teacher student (MoCo)", "distill_ssl",
+               [*ssl_student, "--store", str(s_moco), "--online-teacher", t_moco_model], run / "online-moco", "ssl",
+               "moco"),
+        trains("MoCo alone (student arch, FKD's time)", "pretrain_teacher",
+               [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
+                "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size", str(z.batch),
+                "--epochs", "100"], run / "moco-alone", "ssl", "none", argv_fn=_same_time_as(run / "fkd-moco")),
+        trains("classifier teacher", "train_classifier",
+               [*common, "--arch", z.teacher_arch, "--stem", z.stem, "--input-size", str(z.size), "--batch-size",
+                str(z.batch), "--epochs", str(z.classifier_epochs), "--no-val"], t_cls, "sup", "classifier"),
+        fills("store: classifier soft labels", "gen_targets", [*gen, "--teacher", t_cls_model], s_cls, "sup",
+              "classifier"),
+        fills("ReLabel label map", "gen_label_map",
+              [*common, "--teacher", t_cls_model, "--input-size", str(z.label_map_size)], lmap, "sup", "classifier"),
+        trains("FKD student (soft labels)", "distill_sup", [*sup_student, "--store", str(s_cls), "--crops-per-image",
+               "1"], run / "sup-fkd", "sup", "classifier", s_cls),
+        fills("store: EfficientNet-Lite0 soft labels", "gen_targets", effnet("probs"), s_eff_probs, "sup",
+              "effnet-lite0"),
+        trains("FKD student (EffNet soft labels)", "distill_sup",  # a 1000-way ImageNet classifier
+               [*sup_student, "--store", str(s_eff_probs), "--crops-per-image", "1"], run / "sup-fkd-effnet", "sup",
+               "effnet-lite0", s_eff_probs),
+        trains("plain-label student", "distill_sup", [*sup_student, "--targets", "hard"], run / "sup-plain", "sup",
+               "none"),
+        trains("ReLabel student", "distill_sup", [*sup_student, "--targets", "relabel", "--label-map", str(lmap)],
+               run / "sup-relabel", "sup", "classifier", lmap),
     ]
-    return stages + eval_stages(out, stages, common, z, workers)
+    return stages + eval_stages(out, stages, common, z)
 
 
 def _same_time_as(run_dir: Path) -> Callable[[dict], list[str]]:
@@ -178,10 +157,9 @@ def _same_time_as(run_dir: Path) -> Callable[[dict], list[str]]:
     return extra
 
 
-def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes, workers: int) -> list[Stage]:
+def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes) -> list[Stage]:
     """kNN + fast linear probe of every model, plus random-init and raw-pixel baselines."""
-    ev = [*common, "--workers", str(workers), "--cache-dir", str(out / "features"), "--results",
-          str(out / "results.jsonl")]
+    ev = [*common, "--cache-dir", str(out / "features"), "--results", str(out / "results.jsonl")]
     refs = [(s.name, str(s.model), [], s.variant, s.teacher) for s in stages if s.model is not None]
     # the ImageNet teacher as it is (its features at the size its store's views had), then the baselines
     refs += [("EfficientNet-Lite0 teacher (ImageNet)", "effnet-lite0", ["--input-size", str(z.effnet_view)],

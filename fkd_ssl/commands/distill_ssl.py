@@ -151,8 +151,7 @@ def _meta(args, data: TrainingData, train_set, config: dict, mode: str) -> dict:
 
 
 def run(args) -> int:
-    ctx = fdist.setup(args.device)
-    try:
+    with fdist.session(args.device) as ctx:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         data = _training_data(args, train_set, ctx)
@@ -169,8 +168,6 @@ def run(args) -> int:
         if ctx.is_main:
             print(f"student: {result.model_path} ({result.epochs_done * args.crops_per_image} epochs, "
                   f"{result.train_seconds / 60:.1f} min, {result.views_per_s:.0f} views/s)", flush=True)
-    finally:
-        fdist.cleanup()
     return 0
 
 

@@ -143,8 +143,7 @@ def _val_hook(args, num_classes: int, val_set, ctx):
 
 
 def run(args) -> int:
-    ctx = fdist.setup(args.device)
-    try:
+    with fdist.session(args.device) as ctx:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
             val_set = None if args.no_val else build_dataset(args.data, "val", args.data_root, verbose=False)
@@ -167,8 +166,6 @@ def run(args) -> int:
         if ctx.is_main:
             print(f"student: {result.model_path} ({result.epochs_done * k} epochs, {result.train_seconds / 60:.1f} min, "
                   f"{result.views_per_s:.0f} views/s)", flush=True)
-    finally:
-        fdist.cleanup()
     return 0
 
 

@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..store import finalize
     from ..store.writer import default_provenance
 
-    ctx = fdist.setup(args.device)
-    try:
+    with fdist.session(args.device) as ctx:
         torch.manual_seed(args.seed)  # the maps involve no randomness; seeded for form's sake
         model, _ = load_model(args.teacher, arch=args.teacher_arch, device=ctx.device, expect="classifier")
         teacher_name = Path(args.teacher).parent.name if Path(args.teacher).exists() else args.teacher
@@ -74,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
                   f"{maps.input_size} px, top-{maps.k} of {maps.num_classes} classes, {maps.nbytes() / 2**20:.1f} MiB, "
                   f"{len(maps.skipped)} skipped; this run {written} images in {stats.seconds:.1f} s, "
                   f"{written / max(stats.seconds, 1e-9):.1f} img/s)", flush=True)
-    finally:
-        fdist.cleanup()
     return 0
 
 

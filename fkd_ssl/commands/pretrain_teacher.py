@@ -71,8 +71,7 @@ def _task(args, ctx):
 
 def run(args) -> int:
     cfg = train_config(args, 1)  # a sample is an image
-    ctx = fdist.setup(args.device)
-    try:
+    with fdist.session(args.device) as ctx:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         task = _task(args, ctx)
@@ -88,8 +87,6 @@ def run(args) -> int:
         if ctx.is_main:
             print(f"teacher: {result.model_path} ({result.epochs_done} epochs, {result.train_seconds / 60:.1f} min, "
                   f"{result.images_per_s:.0f} img/s)", flush=True)
-    finally:
-        fdist.cleanup()
     return 0
 
 

@@ -53,8 +53,7 @@ def run(args) -> int:
     sizes = pipeline.FAST if args.fast else pipeline.FULL
     if args.data:
         sizes = replace(sizes, data=args.data)
-    ctx = fdist.setup(args.device)  # under torchrun every rank runs every stage; rank 0 keeps the books
-    try:
+    with fdist.session(args.device) as ctx:  # under torchrun every rank runs every stage; rank 0 keeps the books
         out, config = _start(args, sizes, ctx)
         stages = pipeline.plan(out, sizes, str(args.data_root), args.device, args.workers, args.seed)
         ledger = pipeline.Ledger(out / "pipeline.json", write=ctx.is_main)
@@ -67,8 +66,6 @@ def run(args) -> int:
             print("\n" + text.split("## Commands")[0].rstrip())
             print(f"\nquick start: {time.time() - t0:.0f} s this run -> {out / 'report.md'}, "
                   f"{out / 'accuracy_vs_time.png'}", flush=True)
-    finally:
-        fdist.cleanup()
     return 0
 
 

@@ -2,14 +2,38 @@
 
 :class:`EpochBatchSampler` yields batches of keys ``(index, epoch)`` for every remaining epoch; the ranks'
 slices of a global batch together equal the single-process run, and a resume yields the same batches.
+:func:`group_loader` runs a function over fixed groups of images in DataLoader workers.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class _Groups(Dataset):
+    def __init__(self, fn: Callable[[np.ndarray], Any], groups: Sequence[np.ndarray]):
+        self.fn, self.groups = fn, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int):
+        return self.fn(self.groups[g])
+
+
+def group_loader(fn: Callable[[np.ndarray], Any], groups: Sequence[np.ndarray], workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    """``fn(group)`` of every group in order, computed in ``workers`` processes (``fn`` must pickle); the
+    items come as ``fn`` returns them (no collation, numpy arrays stay arrays)."""
+    return DataLoader(_Groups(fn, groups), batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None)
+
+
+def _as_is(item):
+    return item
 
 
 class EpochBatchSampler(Sampler):

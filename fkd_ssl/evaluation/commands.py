@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..cli import prepare_out_dir
 from ..data.datasets import IndexedDataset, build_dataset
-from ..dist import DistContext, cleanup, main_first, setup
+from ..dist import DistContext, main_first, session
 from ..errors import ConfigError, DataError
 from ..fileio import write_text_atomic
 from . import knn as knn_mod
@@ -91,9 +91,12 @@ def load_splits(spec: str, data_root: str, ctx: DistContext) -> tuple[IndexedDat
     return train, val
 
 
-def _source(args: argparse.Namespace) -> FeatureSource:
-    return resolve_source(args.checkpoint, arch=args.arch, stem=args.stem, input_size=args.input_size,
-                          output=args.features, seed=args.seed, name=args.name)
+def _start(args: argparse.Namespace, ctx: DistContext) -> tuple[FeatureSource, Path, IndexedDataset, IndexedDataset]:
+    """The model, the output folder (before the work: a bad --out fails fast) and the splits of an evaluation."""
+    source = resolve_source(args.checkpoint, arch=args.arch, stem=args.stem, input_size=args.input_size,
+                            output=args.features, seed=args.seed, name=args.name)
+    out = prepare_out_dir(args.out if args.out else default_out_dir(source), "--out")
+    return (source, out, *load_splits(args.data, args.data_root, ctx))
 
 
 def _features(args: argparse.Namespace, source: FeatureSource, train: IndexedDataset, val: IndexedDataset,
@@ -103,12 +106,15 @@ def _features(args: argparse.Namespace, source: FeatureSource, train: IndexedDat
     return extract_features(source, train, ctx, **kw), extract_features(source, val, ctx, **kw)
 
 
-def _out_dir(args: argparse.Namespace, source: FeatureSource) -> Path:
-    return prepare_out_dir(args.out if args.out else default_out_dir(source), "--out")
-
-
-def _suffix(source: FeatureSource) -> str:
-    return "_head" if source.output == "head" else ""
+def _finish(args: argparse.Namespace, out: Path, name: str, source: FeatureSource, train: IndexedDataset,
+            val: IndexedDataset, results: list[dict]) -> Path:
+    """The result rows (``results``: what each measured) into ``<out>/<name>[_head].json`` and ``--results``."""
+    splits = {"source": source.describe(), "train": train.describe(), "val": val.describe()}
+    rows = [make_row(data=args.data, **splits, **r) for r in results]
+    path = write_json(out / f"{name}{'_head' if source.output == 'head' else ''}.json",
+                      {**splits, "config": vars(args), "results": rows})
+    append_rows(args.results, rows)
+    return path
 
 
 def _header(source: FeatureSource, train: IndexedDataset, val: IndexedDataset, cached: bool) -> str:
@@ -119,11 +125,8 @@ def _header(source: FeatureSource, train: IndexedDataset, val: IndexedDataset, c
 def run_knn(args: argparse.Namespace) -> int:
     """kNN evaluation (see :mod:`fkd_ssl.evaluation.knn`)."""
     t0 = time.time()
-    ctx = setup(args.device)
-    try:
-        source = _source(args)
-        out = _out_dir(args, source)  # before the work: a bad --out fails fast
-        train, val = load_splits(args.data, args.data_root, ctx)
+    with session(args.device) as ctx:
+        source, out, train, val = _start(args, ctx)
         all_k = args.k + args.majority_k
         if not all_k:
             raise ConfigError("--k none and --majority-k none: nothing to evaluate")
@@ -140,34 +143,23 @@ def run_knn(args: argparse.Namespace) -> int:
                                        query_chunk=args.query_chunk, use_gpu=use_gpu)
         seconds = time.time() - t0
         cached = tf.cached and vf.cached
-        rows = [make_row(source=source.describe(), data=args.data, train=train.describe(), val=val.describe(),
-                         protocol="knn" if r.vote == "weighted" else "knn-majority", k=r.k,
-                         temperature=r.temperature, top1=r.top1, top5=r.top5, seconds=seconds,
-                         extract_seconds=t_extract, cached=cached,
-                         extra={"faiss_gpu": use_gpu, "eval_seconds": round(seconds - t_extract, 3)})
-                for r in results]
-        path = write_json(out / f"knn{_suffix(source)}.json",
-                          {"source": source.describe(), "train": train.describe(), "val": val.describe(),
-                           "config": vars(args), "results": rows})
-        append_rows(args.results, rows)
+        path = _finish(args, out, "knn", source, train, val, [
+            dict(protocol="knn" if r.vote == "weighted" else "knn-majority", k=r.k, temperature=r.temperature,
+                 top1=r.top1, top5=r.top5, seconds=seconds, extract_seconds=t_extract, cached=cached,
+                 extra={"faiss_gpu": use_gpu, "eval_seconds": round(seconds - t_extract, 3)}) for r in results])
         parts = " ".join(("1-NN" if (r.vote == "majority" and r.k == 1) else
                           f"{'k' if r.vote == 'weighted' else 'maj-k'}={r.k}") + f" {r.top1:.1f}/{r.top5:.1f}"
                          for r in results)
         print(f"knn: {_header(source, train, val, cached)} | top1/top5 % {parts} | T={args.temperature} | "
               f"{seconds:.1f} s -> {path}", flush=True)
         return 0
-    finally:
-        cleanup()
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
     """Fast (default) or full linear probe (see :mod:`.probe` and :mod:`.probe_full`)."""
     t0 = time.time()
-    ctx = setup(args.device)
-    try:
-        source = _source(args)
-        out = _out_dir(args, source)  # before the work: a bad --out fails fast
-        train, val = load_splits(args.data, args.data_root, ctx)
+    with session(args.device) as ctx:
+        source, out, train, val = _start(args, ctx)
         if args.full:
             from .probe_full import FullProbeConfig, default_state_path, full_linear_probe
 
@@ -196,19 +188,13 @@ def run_linear_probe(args: argparse.Namespace) -> int:
             return 0
         seconds = time.time() - t0
         extra["eval_seconds"] = round(seconds - t_extract, 3)
-        row = make_row(source=source.describe(), data=args.data, train=train.describe(), val=val.describe(),
-                       protocol=protocol, top1=res.top1, top5=res.top5, seconds=seconds,
-                       extract_seconds=t_extract, cached=cached, extra=extra)
-        name = ("linear_probe_full" if args.full else "linear_probe") + _suffix(source) + ".json"
-        path = write_json(out / name, {"source": source.describe(), "train": train.describe(), "val": val.describe(),
-                                       "config": vars(args), "results": [row]})
-        append_rows(args.results, [row])
+        path = _finish(args, out, "linear_probe_full" if args.full else "linear_probe", source, train, val, [
+            dict(protocol=protocol, top1=res.top1, top5=res.top5, seconds=seconds, extract_seconds=t_extract,
+                 cached=cached, extra=extra)])
         detail = (f"{args.epochs} epochs" if args.full else f"wd={res.wd:g}")
         print(f"linear probe ({'full' if args.full else 'fast'}): {_header(source, train, val, cached)} | "
               f"top1 {res.top1:.1f} top5 {res.top5:.1f} | {detail} | {seconds:.1f} s -> {path}", flush=True)
         return 0
-    finally:
-        cleanup()
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -5,7 +5,6 @@ Resumes from its state after every epoch; a state made with other settings is re
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 from ..checkpoint import load_state, save_state
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier
+from ..engine import lr_at
 from ..errors import ConfigError
 from ..progress import bar
 from .features import FeatureSource
@@ -45,10 +45,6 @@ def train_transform(source: FeatureSource):
         T.ToTensor(),
         T.Normalize(desc["mean"], desc["std"]),
     ])
-
-
-def _cosine_lr(base: float, step: int, total: int) -> float:
-    return 0.5 * base * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
 @torch.no_grad()
@@ -119,7 +115,7 @@ def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: I
         pbar = bar(steps_per_epoch, f"probe epoch {epoch + 1}/{cfg.epochs}", "batch", enabled=ctx.is_main and progress)
         for i, (x, y, _) in enumerate(loader):
             for g in opt.param_groups:
-                g["lr"] = _cosine_lr(base_lr, epoch * steps_per_epoch + i, total)
+                g["lr"] = lr_at(epoch * steps_per_epoch + i, total, 0, base_lr)  # cosine, no warm-up
             feats = source.embed(x.to(ctx.device, non_blocking=True))
             loss = F.cross_entropy(model(feats), y.to(ctx.device))
             opt.zero_grad(set_to_none=True)

@@ -6,17 +6,18 @@ Layout, geometry and limits: ``docs/store.md``, "Published FKD soft labels".
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..data.sampler import group_loader
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_path, write_json_atomic
+from ..fileio import atomic_path, read_json, write_json_atomic
 from ..store import StoreIdentity, StoreWriter, TargetStore, TopKCodec, finalize
 from ..store import layout as L
 from ..store.codecs import f16_toward_zero
@@ -218,16 +219,14 @@ def label_type_name(layout: str, k: int, mode: str) -> str:
 # ----------------------------------------------------------------------------- geometry
 
 
-def fkd_crop_box(coords: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The pixel boxes the reference code crops: int64 (R, 4) ``[top, left, bottom, right]``."""
+def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
+    """FKD crops -> (view parameters float32 (R, VIEW_PARAM_DIM), number of boxes clamped into the image).
+
+    The box is the one the reference code crops: ``[top, left, bottom, right]`` pixels, rounded.
+    """
     c = np.asarray(coords, dtype=np.float64)
     top, left = c[:, 0] * height, c[:, 1] * width
-    return np.rint(np.stack([top, left, top + c[:, 2] * height, left + c[:, 3] * width], axis=1)).astype(np.int64)
-
-
-def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
-    """FKD crops -> (view parameters float32 (R, VIEW_PARAM_DIM), number of boxes clamped into the image)."""
-    box = fkd_crop_box(coords, height, width)
+    box = np.rint(np.stack([top, left, top + c[:, 2] * height, left + c[:, 3] * width], axis=1)).astype(np.int64)
     top, left = np.clip(box[:, 0], 0, height - 1), np.clip(box[:, 1], 0, width - 1)
     bottom, right = np.clip(box[:, 2], top + 1, height), np.clip(box[:, 3], left + 1, width)
     clamped = int((np.stack([top, left, bottom, right], axis=1) != box).any(axis=1).sum())
@@ -290,34 +289,21 @@ class _ImportSpec:
                             f"{self.dtype} (a store needs the same for every image)")
 
 
-class _ImportChunks:
-    """DataLoader dataset: chunk ``c`` -> ``(indices, params, fields, clamped, None)`` or ``(indices, None, None, 0, error)``."""
-
-    def __init__(self, chunks: list[np.ndarray], image_paths: list[Path], label_paths: list[Path], spec: _ImportSpec):
-        self.chunks, self.image_paths, self.label_paths, self.spec = chunks, image_paths, label_paths, spec
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, c: int):
-        idx, params, fields, clamped = self.chunks[c], [], [], 0
-        try:
-            for i in idx:
-                lp = self.label_paths[int(i)]
-                lab = load_label_file(lp)
-                self.spec.check(lab, lp)
-                p, n = coords_to_params(lab.coords, lab.flips, *_image_size(self.image_paths[int(i)]))
-                params.append(p)
-                fields.append(topk_fields(lab, self.spec.num_classes, lp))
-                clamped += n
-        except DataError as e:
-            return idx, None, None, 0, str(e)
-        return idx, np.stack(params), {f: np.stack([x[f] for x in fields]) for f in ("idx", "val")}, clamped, None
-
-
-def _as_is(item):
-    """DataLoader ``collate_fn`` that keeps numpy arrays as they are (no tensors)."""
-    return item
+def _read_chunk(image_paths: list[Path], label_paths: list[Path], spec: _ImportSpec, idx: np.ndarray):
+    """Images ``idx`` -> ``(idx, params, fields, clamped, None)``, or ``(idx, None, None, 0, error)`` (in a worker)."""
+    params, fields, clamped = [], [], 0
+    try:
+        for i in idx:
+            lp = label_paths[int(i)]
+            lab = load_label_file(lp)
+            spec.check(lab, lp)
+            p, n = coords_to_params(lab.coords, lab.flips, *_image_size(image_paths[int(i)]))
+            params.append(p)
+            fields.append(topk_fields(lab, spec.num_classes, lp))
+            clamped += n
+    except DataError as e:
+        return idx, None, None, 0, str(e)
+    return idx, np.stack(params), {f: np.stack([x[f] for x in fields]) for f in ("idx", "val")}, clamped, None
 
 
 @dataclass
@@ -363,8 +349,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
                overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ImportResult:
     """Convert the FKD soft labels of ``dataset``'s images (an image folder) into a ``topk`` store at ``out``."""
-    from torch.utils.data import DataLoader
-
     from ..progress import bar
 
     ds = image_folder_dataset(dataset)
@@ -397,9 +381,8 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
                                           codec=TopKCodec(k=spec.k, num_classes=C, mode=mode), overwrite=overwrite)
     missing = writer.missing_images()
     chunks = [missing[a:a + IMPORT_CHUNK] for a in range(0, len(missing), IMPORT_CHUNK)]
-    source = _ImportChunks(chunks, [ds.path(i) for i in range(len(ds))], [root / lab for lab in expected], spec)
-    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
-                        prefetch_factor=4 if workers > 0 else None)
+    read = partial(_read_chunk, [ds.path(i) for i in range(len(ds))], [root / lab for lab in expected], spec)
+    loader = group_loader(read, chunks, workers)
     with bar(len(missing), "import-fkd", "img", enabled=show_progress) as pbar:
         for idx, params, fields, n_clamped, err in loader:
             if err is not None:
@@ -419,18 +402,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
 # ----------------------------------------------------------------------------- export
 
 
-def params_to_coords(params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Our view parameters (R, P >= 5) -> FKD ``coords`` float32 (R, 4) and ``flips`` bool (R,)."""
-    params = np.asarray(params, dtype=np.float32)
-    return np.array(params[:, :4], dtype=np.float32), np.array(params[:, _FLIP] > 0.5, dtype=bool)
-
-
-def photometric_views(params: np.ndarray) -> np.ndarray:
-    """bool (R,): views whose photometric fields are not neutral (FKD cannot replay those)."""
-    params = np.asarray(params)
-    return (params[:, _FLIP + 1:] != 0).any(axis=1) if params.shape[1] > _FLIP + 1 else np.zeros(len(params), bool)
-
-
 def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of probability rows (B, C) by descending value, ties to the lower index (the ``topk`` order)."""
     probs = np.asarray(probs, dtype=np.float32)
@@ -438,18 +409,14 @@ def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order.astype(np.int64), np.take_along_axis(probs, order, axis=1)
 
 
-def label_state(coords: np.ndarray, flips: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                fp16: bool = False) -> list[np.ndarray]:
-    """What one FKD label file holds: ``[coords (R,4), flips (R,), labels (R,2,k)]`` (float16 with ``fp16``)."""
-    ft = np.float16 if fp16 else np.float32
-    lab = np.stack([np.asarray(indices, dtype=np.float32), np.asarray(values, dtype=np.float32)], axis=1)
-    return [np.array(coords, dtype=ft), np.array(flips, dtype=bool), np.array(lab.astype(ft))]
-
-
-def save_label_file(path: Path, state: list[np.ndarray]) -> None:
-    """``torch.save(state, path)``, written atomically."""
+def save_label_file(path: Path, params: np.ndarray, indices: np.ndarray, values: np.ndarray, fp16: bool) -> None:
+    """Write one FKD label file atomically: ``[coords (R,4), flips (R,), labels (R,2,k)]`` (float16 with
+    ``fp16``) of our view parameters (R, P >= 5) and the views' class indices and values (R, k)."""
     import torch
 
+    ft, params = (np.float16 if fp16 else np.float32), np.asarray(params, dtype=np.float32)
+    labels = np.stack([np.asarray(indices, dtype=np.float32), np.asarray(values, dtype=np.float32)], axis=1)
+    state = [params[:, :4].astype(ft), params[:, _FLIP] > 0.5, labels.astype(ft)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, fsync=False) as tmp:
         torch.save(state, str(tmp))
@@ -519,20 +486,18 @@ def _export_labels(store, i: int, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def _resume_export(out: Path, spec: dict, overwrite: bool) -> tuple[bool, dict | None]:
     """(whether to resume the export in ``out``, its marker if finished and the same); refuses others."""
     marker = out / EXPORT_MARKER
+    if overwrite:
+        return False, None
     if not marker.exists():
-        if out.exists() and any(out.iterdir()) and not overwrite:
+        if out.exists() and any(out.iterdir()):
             raise ConfigError(f"--out {out} is not empty and holds no {EXPORT_MARKER}; use an empty folder, "
                               f"or --overwrite to write into it")
         return False, None
     try:
-        old = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        if not overwrite:
-            raise DataError(f"{marker} is corrupt; remove it or pass --overwrite") from None
-        return False, None
+        old = read_json(marker, "FKD export marker")
+    except DataError as e:
+        raise DataError(f"{e}; remove it or pass --overwrite") from None
     diff = sorted(k for k in set(spec) | set(old) if k not in ("complete", "skipped", "files") and old.get(k) != spec.get(k))
-    if overwrite:
-        return False, None
     if diff:
         raise ConfigError(f"--out {out} holds another FKD export (differs in {', '.join(diff)}); "
                           f"use another --out, or --overwrite to rewrite it")
@@ -571,10 +536,10 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     with bar(len(todo), "export-fkd", "img", enabled=show_progress) as pbar:
         for i in todo:
             params, idx, val = _export_labels(store, i, k)
-            if photometric_views(params).any():
+            if (params[:, _FLIP + 1:] != 0).any():  # not neutral: FKD cannot replay them
                 raise ConfigError(f"store {store.path} has photometric views (image {i}: colour jitter, grayscale, "
                                   f"blur or solarize); FKD soft labels hold only a crop and a flip")
-            save_label_file(out / labels[i], label_state(*params_to_coords(params), idx, val, fp16))
+            save_label_file(out / labels[i], params, idx, val, fp16)
             pbar.update(1)
     n_files = len(ds) - len(skipped)
     write_json_atomic(out / EXPORT_MARKER, {**spec, "complete": True, "files": n_files,

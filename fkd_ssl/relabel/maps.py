@@ -7,21 +7,21 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 from ..checkpoint import weights_digest
 from ..data.image_io import load_uint8
+from ..data.sampler import group_loader
 from ..errors import ConfigError, DataError
 from ..models import Encoder
 from ..replay import FreshViews
 from ..store import FieldsCodec, StoreIdentity, StoreWriter, TargetStore, finalize, owned_shards
 from ..store import layout as L
 from ..views import PARAM_FIELDS, ViewConfig, normalize
-from .targets import ArrayLike, classifier_weights, dense_from_topk, dense_scores, relabel_targets
+from .targets import ArrayLike, classifier_weights, dense_scores, relabel_targets
 
 #: the largest class count int16 indices can hold
 MAX_CLASSES = int(np.iinfo(np.int16).max) + 1
@@ -88,31 +88,22 @@ def open_label_map_writer(model: Encoder, dataset, path: str | os.PathLike, *, k
                                         overwrite=overwrite, shards=shards, provenance=provenance)
 
 
-class _WholeImages(Dataset):
-    """Item ``g`` -> ``[(index, uint8 (3, S, S) | None, error | None)]`` for the images of group ``g``:
-    each whole image resized to ``S x S`` (aspect ratio not kept, so a crop box's fractions of the
-    image are the same fractions of the map)."""
+def _whole_images(base, size: int, interpolation: str, group: np.ndarray) -> list:
+    """``[(index, uint8 (3, S, S) | None, error | None)]`` for the images of ``group``: each whole image
+    resized to ``S x S`` (aspect ratio not kept, so a crop box's fractions of the image are the same
+    fractions of the map)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
 
-    def __init__(self, base, groups: list[np.ndarray], size: int, interpolation: str):
-        from torchvision.transforms import InterpolationMode
-
-        self.base, self.groups, self.size = base, groups, size
-        self.interp = {"bicubic": InterpolationMode.BICUBIC, "nearest": InterpolationMode.NEAREST}.get(
-            interpolation, InterpolationMode.BILINEAR)
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, g: int):
-        from torchvision.transforms.v2 import functional as TF
-
-        out = []
-        for i in self.groups[g]:
-            img, err = load_uint8(self.base, int(i))
-            if img is not None:
-                img = TF.resize(img, [self.size, self.size], interpolation=self.interp, antialias=True)
-            out.append((int(i), img, err))
-        return out
+    interp = {"bicubic": InterpolationMode.BICUBIC, "nearest": InterpolationMode.NEAREST}.get(
+        interpolation, InterpolationMode.BILINEAR)
+    out = []
+    for i in group:
+        img, err = load_uint8(base, int(i))
+        if img is not None:
+            img = TF.resize(img, [size, size], interpolation=interp, antialias=True)
+        out.append((int(i), img, err))
+    return out
 
 
 @dataclass
@@ -122,10 +113,6 @@ class LabelMapStats:
     images: int
     skipped: int
     seconds: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
 
 
 @torch.no_grad()
@@ -158,9 +145,8 @@ def fill_label_maps(model: Encoder, dataset, writer: StoreWriter, *, batch_size:
     todo[missing] = True
     groups = [np.arange(g * batch_size, min((g + 1) * batch_size, writer.num_images))
               for g in np.unique(missing // batch_size)]
-    loader = DataLoader(_WholeImages(dataset, groups, spec["input_size"], model.spec.interpolation), batch_size=None,
-                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers > 0 else None)
+    loader = group_loader(partial(_whole_images, dataset, spec["input_size"], model.spec.interpolation), groups,
+                          workers, pin_memory=device.type == "cuda")
     n_img = n_skip = 0
     with bar(len(missing), "label maps", "img", enabled=show_progress) as pbar:
         for items in loader:
@@ -267,11 +253,6 @@ class LabelMaps(TargetStore):
         """``(values float32 (h, w, k), indices int64 (h, w, k))`` of one image."""
         v, i = self.topk_batch(np.array([image]))
         return v[0], i[0]
-
-    def dense(self, image: int) -> torch.Tensor:
-        """float32 ``(C, h, w)``: the image's map with zeros outside the top-k."""
-        v, i = self.topk(image)
-        return dense_from_topk(v, i, self.num_classes)
 
     def __repr__(self) -> str:
         return (f"LabelMaps({str(self.path)!r}, N={self.num_images}, C={self.num_classes}, "
