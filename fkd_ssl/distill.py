@@ -1,18 +1,10 @@
 """The distillation task: a student learns a teacher's targets for replayed views.
 
 :class:`DistillTask` is an :class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.replay.ReplayBatch`
-batches.  The targets are the store's (FKD: no teacher forward) or, with an online teacher,
-the teacher's outputs on ``teacher_views`` computed at every step (the vanilla-KD baselines).
-
-The student is an :class:`~fkd_ssl.models.Encoder` (timm backbone + lightly
-``MoCoProjectionHead`` to the target dim, optional ``SimSiamPredictionHead``); its output for
-a view is the predictor's output if it has one, else the projection.  Optionally the student
-also minimises its own SSL objective between views 0 and 1 of each image (DisCo-style;
-still no teacher forward): ``moco`` or ``simsiam``, the teachers' objectives from
-:mod:`fkd_ssl.objectives`.
-
-Helpers check what a student run is given: :func:`open_store` (the store exists, is complete
-and was made from ``--data``), :func:`check_head_dim`, :func:`build_student`.
+batches: the targets are the store's (FKD: no teacher forward) or an online teacher's (the vanilla-KD
+baselines); optionally the student also minimises its own SSL objective (:mod:`fkd_ssl.objectives`)
+between views 0 and 1 (DisCo-style).  :func:`open_store`, :func:`check_head_dim` and
+:func:`build_student` check and build what a student run is given.
 """
 
 from __future__ import annotations

@@ -119,16 +119,9 @@ def lr_at(step: int, total: int, warmup: int, peak: float, final_ratio: float = 
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _to_device(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a batch NamedTuple
-        return type(obj)(*(_to_device(o, device) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
+def _to_device(batch, device: torch.device):
+    """A batch NamedTuple with its tensors on ``device``."""
+    return type(batch)(*(o.to(device, non_blocking=True) if isinstance(o, torch.Tensor) else o for o in batch))
 
 
 def _rng_state() -> dict:
@@ -316,13 +309,12 @@ class TrainResult:
     finished: bool
 
 
-def build_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: TrainConfig, cuda: bool,
-                 collate_fn=None) -> DataLoader:
+def build_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: TrainConfig, cuda: bool) -> DataLoader:
     # the loader draws its workers' base seed from its own generator, never from the global RNG, which
     # belongs to the task (e.g. mixup) and is restored on resume: a resumed run then draws as an uninterrupted one
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=cuda,
-                      persistent_workers=cfg.workers > 0, collate_fn=collate_fn,
-                      prefetch_factor=4 if cfg.workers > 0 else None, generator=torch.Generator().manual_seed(cfg.seed))
+                      persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def wrap_ddp(task: Task, ctx: DistContext) -> nn.Module:
@@ -339,8 +331,7 @@ def wrap_ddp(task: Task, ctx: DistContext) -> nn.Module:
 
 
 def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistContext, out: Path,
-          meta: dict, on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
-          collate_fn=None, desc: str = "train") -> TrainResult:
+          meta: dict, on_epoch_end: Callable[[int, nn.Module], dict] | None = None, desc: str = "train") -> TrainResult:
     """Train ``task`` on ``dataset`` keys ``(i, epoch)``; resume from ``out``.  ``meta`` goes into every
     exported model; ``on_epoch_end(epoch, task)`` may return extra metrics (rank 0 only)."""
     device = ctx.device
@@ -364,7 +355,7 @@ def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistCont
         return TrainResult(files.model_path, pos.epoch, pos.step, pos.elapsed, 0.0, 0.0, True)
 
     net = wrap_ddp(task, ctx)
-    loader = build_loader(dataset, sampler, cfg, device.type == "cuda", collate_fn)
+    loader = build_loader(dataset, sampler, cfg, device.type == "cuda")
     log, policy = MetricsLog(out, ctx.is_main, pos.step, ctx.world_size), StopPolicy(cfg, ctx)
     pbar = bar(len(sampler), desc, "step", enabled=ctx.is_main)
     task.train()

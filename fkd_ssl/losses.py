@@ -1,22 +1,9 @@
-"""Distillation losses: a student's outputs against its teacher's targets for the same views.
+"""Distillation losses: student outputs ``s`` (N, D) against the teacher's targets ``t`` (N, D) for the same views.
 
-Shapes: ``s`` student outputs ``(N, D)`` (any scale), ``t`` teacher targets ``(N, D)`` for the
-same ``N`` views, ``keys`` ``(M, D)`` and ``queue`` ``(Q, D)`` teacher targets used as
-negatives / reference points.  Unless said otherwise every function L2-normalises its inputs
-along ``D`` first and returns the mean loss over the ``N`` rows (a scalar).
-
-* :func:`contrastive` – InfoNCE of each student view against the teacher targets ``keys``
-  (its own target positive, or several positives given by a mask) — the ``infonce`` loss;
-* :func:`soft_ce` – cross-entropy between ``softmax(t / tau)`` and ``log_softmax(s / tau)``
-  over the embedding dimensions (FKD-SSL / S2-BNN);
-* :func:`seed` – SEED: cross-entropy between the teacher's and the student's similarity
-  distributions over ``[t; queue]`` (teacher temperature ``tau_t``, student ``tau_s``);
-* :func:`cosine` – ``1 - cos(s, t)``;
-* :func:`soft_ce_probs` – cross-entropy of student logits against class probabilities
-  (classifier teachers; no normalisation) — also the classifier students' loss.
-
-:class:`TargetQueue` is the FIFO of earlier teacher targets; :class:`DistillLoss` binds a loss
-name, its temperatures and the queue, and gathers targets across DDP ranks.
+Unless said otherwise a loss L2-normalises its inputs along ``D`` and returns the mean over the ``N`` rows;
+``keys`` / ``queue`` are teacher targets used as negatives or reference points.  The losses and their
+defaults: docs/distill.md.  :class:`DistillLoss` binds one with its temperatures and :class:`TargetQueue`
+and gathers targets across DDP ranks.
 """
 
 from __future__ import annotations

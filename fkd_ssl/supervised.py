@@ -1,22 +1,10 @@
 """Supervised FKD: a classifier student trained on soft labels of replayed views.
 
-:class:`SoftLabelTask` is an :class:`~fkd_ssl.engine.Task` on
-:class:`~fkd_ssl.replay.ReplayBatch` batches.  Where the target distribution of each view
-comes from is the *mode* (``distill_sup.py --targets``):
-
-========== ==============================================================================
-``store``  FKD: the teacher's soft labels of the stored views, read from the store
-``online`` vanilla KD: the teacher runs on the same views at every step
-``relabel`` ReLabel: RoIAlign of the crop box on the teacher's dense label map + softmax
-           (targets computed in the data workers by :class:`fkd_ssl.relabel.RelabelViews`)
-``hard``   the conventional framework: one-hot dataset labels (optional label smoothing)
-========== ==============================================================================
-
-The loss is soft cross-entropy (:func:`fkd_ssl.losses.soft_ce_probs`) at temperature 1
-(FKD's), averaged over views.  Optional mixup / cutmix (:func:`mix_batch`) mixes the images
-and the target distributions with the same coefficient; stored soft labels cannot see the
-mixed image, so in every mode the targets are mixed linearly (in ``online`` mode too, so that
-store vs online isolates the cost of running the teacher).
+:class:`SoftLabelTask` is an :class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.replay.ReplayBatch`
+batches; where each view's target distribution comes from is the *mode* (``--targets``: store,
+online, hard, relabel; docs/supervised.md).  The loss is soft cross-entropy at temperature 1; with
+mixup / cutmix (:func:`mix_batch`) the targets are mixed linearly in every mode (stored soft labels
+cannot see the mixed image).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .distill import open_store, store_views
 from .engine import OptimConfig, TrainConfig
@@ -97,10 +97,12 @@ def _teacher_views(src: Source, store, teacher) -> ViewConfig:
     return replace(src.fresh, size=teacher.input_size) if teacher is not None else src.fresh
 
 
-def build_training_data(src: Source, train_set, ctx, k: int, seed: int, input_size: int | None = None,
-                        extra_aug: bool = False, fast_decode: bool = False) -> TrainingData:
+def build_training_data(src: Source, args, train_set, ctx) -> TrainingData:
     """The run's views and targets: stored views with stored targets, stored or fresh views for
-    an online teacher, fresh crops on a label map, or fresh crops with the dataset's labels."""
+    an online teacher, fresh crops on a label map, or fresh crops with the dataset's labels.
+    ``args``: a student command's flags (K, seed, input size, augmentation, decoding); --store and
+    --input-size are resolved in it."""
+    k, seed = args.crops_per_image, args.seed
     store = _open_store(src, train_set) if src.store else None
     maps, teacher, teacher_id = None, None, store.identity.teacher if store is not None else None
     if src.label_map:
@@ -121,9 +123,37 @@ def build_training_data(src: Source, train_set, ctx, k: int, seed: int, input_si
         source = FreshViews(teacher_cfg, k, seed)
     dim = (teacher.dim if teacher is not None else store.target_dim if store is not None
            else maps.num_classes if maps is not None else train_set.num_classes)
-    dataset = ReplayDataset(train_set, source, teacher_cfg, input_size or teacher_cfg.size,
-                            render_teacher=teacher is not None, extra_aug=extra_aug, fast_decode=fast_decode, seed=seed)
+    dataset = ReplayDataset(train_set, source, teacher_cfg, args.input_size or teacher_cfg.size,
+                            render_teacher=teacher is not None, extra_aug=args.extra_aug, fast_decode=args.fast_decode,
+                            seed=seed)
+    if store is not None:
+        args.store = str(Path(src.store).resolve())
+    args.input_size = dataset.student_cfg.size
     return TrainingData(dataset, teacher_cfg, dim, teacher, teacher_id, store, maps)
+
+
+def train_student(args, data: TrainingData, task, ctx, train_set, out: Path, identity: tuple[str, ...],
+                  meta: Callable[[dict], dict], desc: str, on_epoch_end=None, **config) -> None:
+    """What both student commands do once everything is checked: the run folder and its config (only now
+    touched; ``config``: entries besides the flags), training with ``meta(config)`` plus the shared
+    metadata in the exported model, and the closing line."""
+    from . import cli
+    from .engine import train
+
+    out = cli.prepare_out_dir(args.out or out)
+    store_id = data.store.digest() if data.store is not None else None
+    config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id, **config}, identity,
+                                 ctx.is_main)
+    cfg, k = train_config(args, args.crops_per_image), args.crops_per_image
+    data.warn_reuse(cfg.epochs, ctx.is_main)
+    shared = {"crops_per_image": k, "teacher": data.teacher_id, "teacher_hash": (data.teacher_id or {}).get("hash"),
+              "dataset": train_set.describe(), "views": data.dataset.student_cfg.to_dict(),
+              "teacher_views": data.teacher_cfg.to_dict(), "config": config, "git_sha": config["git_sha"]}
+    result = train(task, data.dataset, data.indices, cfg, ctx, out, {**meta(config), **shared}, on_epoch_end,
+                   desc=desc)
+    if ctx.is_main:
+        print(f"student: {result.model_path} ({result.epochs_done * k} epochs, {result.train_seconds / 60:.1f} min, "
+              f"{result.views_per_s:.0f} views/s)", flush=True)
 
 
 def check_budget(args, k: int) -> None:

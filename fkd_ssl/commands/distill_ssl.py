@@ -15,8 +15,7 @@ experiments/distill_ssl.py ...`` trains with DDP.
 from __future__ import annotations
 
 import argparse
-
-from pathlib import Path
+from functools import partial
 
 import torch
 
@@ -24,11 +23,10 @@ from .. import cli
 from .. import dist as fdist
 from ..data import build_dataset
 from ..distill import SSL_METHODS, DistillTask, build_student, check_head_dim
-from ..engine import train
 from ..errors import ConfigError
 from ..losses import LOSSES, DistillLoss
 from ..models import STEMS
-from ..training_data import Source, TrainingData, build_training_data, train_config
+from ..training_data import Source, TrainingData, build_training_data, train_student
 
 #: settings that define a run: changing one needs another --out
 IDENTITY = ("data", "store", "store_id", "online_teacher", "online_replay", "arch", "stem", "input_size",
@@ -118,13 +116,9 @@ def _training_data(args, train_set, ctx) -> TrainingData:
         args.store = _default_store(args)
     src = Source(store=args.store, teacher=args.online_teacher, teacher_arch=args.teacher_arch,
                  replay=args.online_replay or not args.online_teacher)
-    data = build_training_data(src, train_set, ctx, args.crops_per_image, args.seed, args.input_size, args.extra_aug,
-                               args.fast_decode)
-    if args.store is not None:
-        args.store = str(Path(args.store).resolve())
+    data = build_training_data(src, args, train_set, ctx)
     args.head_dim = check_head_dim(args.head_dim, data.target_dim,
                                    "the online teacher's targets" if args.online_teacher else "the store's targets")
-    args.input_size = data.dataset.student_cfg.size
     return data
 
 
@@ -138,16 +132,13 @@ def _task(args, data: TrainingData, ctx) -> DistillTask:
                        args.ssl_temperature, args.ssl_momentum, ctx.device.type == "cuda", ctx.distributed)
 
 
-def _meta(args, data: TrainingData, train_set, config: dict, mode: str) -> dict:
+def _meta(args, data: TrainingData, mode: str, config: dict) -> dict:
     store = data.store
     return {"method": "fkd_ssl" if mode == "store" else f"kd_{mode.replace('-', '_')}", "kind": "ssl_student",
-            "targets": mode, "loss": args.loss, "ssl": args.ssl, "crops_per_image": args.crops_per_image,
-            "teacher": data.teacher_id, "teacher_hash": (data.teacher_id or {}).get("hash"),
+            "targets": mode, "loss": args.loss, "ssl": args.ssl,
             "store": ({"path": str(args.store), "id": config["store_id"], "identity": store.identity.to_dict(),
                        "views_per_image": store.views_per_image, "target_dim": store.target_dim,
-                       "codec": store.codec.name} if store is not None else None),
-            "dataset": train_set.describe(), "views": data.dataset.student_cfg.to_dict(),
-            "teacher_views": data.teacher_cfg.to_dict(), "config": config, "git_sha": config["git_sha"]}
+                       "codec": store.codec.name} if store is not None else None)}
 
 
 def run(args) -> int:
@@ -155,19 +146,10 @@ def run(args) -> int:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         data = _training_data(args, train_set, ctx)
-        cfg = train_config(args, args.crops_per_image)
         task, mode = _task(args, data, ctx), _mode(args)
-        # everything is checked: only now the run folder is touched
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("distill", args.data, mode, args.loss, args.arch))
-        store_id = data.store.digest() if data.store is not None else None
-        config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id, "mode": mode},
-                                     IDENTITY, ctx.is_main)
-        data.warn_reuse(cfg.epochs, ctx.is_main)
-        result = train(task, data.dataset, data.indices, cfg, ctx, out, _meta(args, data, train_set, config, mode),
-                       desc=f"distill {mode} {args.loss} {args.arch}")
-        if ctx.is_main:
-            print(f"student: {result.model_path} ({result.epochs_done * args.crops_per_image} epochs, "
-                  f"{result.train_seconds / 60:.1f} min, {result.views_per_s:.0f} views/s)", flush=True)
+        train_student(args, data, task, ctx, train_set, cli.default_run_dir("distill", args.data, mode, args.loss,
+                      args.arch), IDENTITY, partial(_meta, args, data, mode), f"distill {mode} {args.loss} {args.arch}",
+                      mode=mode)
     return 0
 
 

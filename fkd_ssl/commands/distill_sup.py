@@ -19,17 +19,16 @@ trains with DDP.
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import torch
 
 from .. import cli
 from .. import dist as fdist
 from ..data import build_dataset
-from ..engine import train
 from ..models import STEMS
 from ..supervised import MODES, MixConfig, SoftLabelTask, build_classifier, classifier_accuracy, init_backbone
-from ..training_data import Source, TrainingData, build_training_data, check_budget, train_config
+from ..training_data import Source, TrainingData, build_training_data, check_budget, train_student
 from ..views import ViewConfig
 
 #: settings that define a run: changing one needs another --out
@@ -111,25 +110,16 @@ def training_data(args, train_set, ctx) -> TrainingData:
                  teacher_flag="--teacher", kind="probs", temp=args.temp,
                  label_map=args.label_map if mode == "relabel" else None,
                  fresh=ViewConfig(size=args.input_size or 64, scale=(args.crop_min, 1.0), photometric=False))
-    data = build_training_data(src, train_set, ctx, args.crops_per_image, args.seed, args.input_size,
-                               args.extra_aug, args.fast_decode)
-    if data.store is not None:
-        args.store = str(Path(args.store).resolve())
-    args.input_size = data.dataset.student_cfg.size
-    return data
+    return build_training_data(src, args, train_set, ctx)
 
 
-def _meta(args, data: TrainingData, train_set, config: dict, init: dict | None) -> dict:
+def _meta(args, data: TrainingData, init: dict | None, config: dict) -> dict:
     store, maps = data.store, data.label_map
     return {"method": METHODS[args.targets], "kind": "sup_student", "targets": args.targets,
-            "crops_per_image": args.crops_per_image, "view_epochs": args.epochs, "teacher": data.teacher_id,
-            "teacher_hash": (data.teacher_id or {}).get("hash"), "init": init,
-            "num_classes": data.target_dim,
+            "view_epochs": args.epochs, "init": init, "num_classes": data.target_dim,
             "store": ({"path": args.store, "id": config["store_id"], "views_per_image": store.views_per_image,
                        "codec": store.codec.name, "nbytes": store.nbytes()} if store is not None else None),
-            "label_map": ({"path": str(args.label_map), "nbytes": maps.nbytes()} if maps is not None else None),
-            "dataset": train_set.describe(), "views": data.dataset.student_cfg.to_dict(),
-            "teacher_views": data.teacher_cfg.to_dict(), "config": config, "git_sha": config["git_sha"]}
+            "label_map": ({"path": str(args.label_map), "nbytes": maps.nbytes()} if maps is not None else None)}
 
 
 def _val_hook(args, num_classes: int, val_set, ctx):
@@ -148,24 +138,15 @@ def run(args) -> int:
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
             val_set = None if args.no_val else build_dataset(args.data, "val", args.data_root, verbose=False)
         data = training_data(args, train_set, ctx)
-        cfg, k = train_config(args, args.crops_per_image), args.crops_per_image
         torch.manual_seed(args.seed)  # the student's initial weights depend on --seed only
         student = build_classifier(args.arch, args.stem, args.input_size, data.target_dim)
         init = init_backbone(student, args.init) if args.init else None
         labels = torch.as_tensor(train_set.targets, dtype=torch.long)
         task = SoftLabelTask(student, args.targets, labels, data.teacher, MixConfig(args.mixup, args.cutmix),
                              args.label_smoothing, ctx.device.type == "cuda")
-        # everything is checked: only now the run folder is touched
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("sup", args.data, args.targets, args.arch))
-        store_id = data.store.digest() if data.store is not None else None
-        config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id}, IDENTITY, ctx.is_main)
-        data.warn_reuse(cfg.epochs, ctx.is_main)
-        result = train(task, data.dataset, data.indices, cfg, ctx, out, _meta(args, data, train_set, config, init),
-                       _val_hook(args, data.target_dim, val_set, ctx),
-                       desc=f"sup {args.targets} {args.arch} K={k}")
-        if ctx.is_main:
-            print(f"student: {result.model_path} ({result.epochs_done * k} epochs, {result.train_seconds / 60:.1f} min, "
-                  f"{result.views_per_s:.0f} views/s)", flush=True)
+        desc = f"sup {args.targets} {args.arch} K={args.crops_per_image}"
+        train_student(args, data, task, ctx, train_set, cli.default_run_dir("sup", args.data, args.targets, args.arch),
+                      IDENTITY, partial(_meta, args, data, init), desc, _val_hook(args, data.target_dim, val_set, ctx))
     return 0
 
 

@@ -134,16 +134,6 @@ def column_label(row: dict) -> str:
     return {"linear-fast": "linear (fast)", "linear-full": "linear (full)"}.get(p, p)
 
 
-def _column_order(label: str) -> tuple:
-    if label.startswith("kNN k="):
-        return (0, int(label.split("=")[1]))
-    if label == "1-NN":
-        return (1, 1)
-    if label.startswith("kNN-maj"):
-        return (1, int(label.split("=")[1]))
-    return (2, label)
-
-
 def latest(rows: Iterable[dict]) -> list[dict]:
     """The last row of every (model, output, data, protocol, k, T), in first-seen order."""
     keep: dict[tuple, dict] = {}
@@ -160,9 +150,9 @@ def pivot(rows: Sequence[dict], metric: str = "top1") -> list[tuple[str, list[st
         raise ConfigError(f"--metric {metric!r}: top1 or top5")
     groups: dict[tuple, dict] = {}
     for r in latest(rows):
-        g = groups.setdefault((r["data"], r.get("data_fingerprint")), {"models": {}, "columns": set()})
-        label = column_label(r)
-        g["columns"].add(label)
+        g = groups.setdefault((r["data"], r.get("data_fingerprint")), {"models": {}, "columns": {}})
+        label = column_label(r)  # ordered kNN by k, then majority votes by k, then the rest
+        g["columns"][label] = ({"knn": 0, "knn-majority": 1}.get(r["protocol"], 2), r.get("k") or 0, label)
         mkey = (r.get("model"), r.get("model_identity"), r.get("features"))
         entry = g["models"].setdefault(mkey, (r, {}))
         entry[1][label] = float(r[metric])
@@ -170,7 +160,7 @@ def pivot(rows: Sequence[dict], metric: str = "top1") -> list[tuple[str, list[st
     for (data, fp), g in groups.items():
         first = next(iter(g["models"].values()))[0]
         title = f"{data} ({first.get('n_train')} train / {first.get('n_val')} val, {first.get('num_classes')} classes, {fp})"
-        out.append((title, sorted(g["columns"], key=_column_order), list(g["models"].values())))
+        out.append((title, sorted(g["columns"], key=g["columns"].get), list(g["models"].values())))
     return out
 
 
