@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
+import time
 from typing import Sequence
 
 from ..cli import add_common_args, parser, positive_float, positive_int, run_main
-from ..evaluation.commands import add_cache_args, add_output_args, add_source_args, int_list, run_knn
+from ..dist import session
+from ..errors import ConfigError
+from ..evaluation import commands as E
+from ..evaluation import knn as knn_mod
+from ..evaluation.commands import add_cache_args, add_output_args, add_source_args
 from ..evaluation.knn import DEFAULT_KS, DEFAULT_T
+
+
+def int_list(flag: str, allow_empty: bool = False):
+    """argparse type: ``10,20,100`` -> [10, 20, 100] (``none`` -> [] when allowed)."""
+    def parse(text: str) -> list[int]:
+        if allow_empty and text.strip().lower() in ("", "none"):
+            return []
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} expects integers >= 1, got {text!r}")
+        return sorted(set(values))
+    return parse
 
 
 def build_parser():
@@ -30,7 +51,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-run = run_knn
+def run(args: argparse.Namespace) -> int:
+    """kNN evaluation (see :mod:`fkd_ssl.evaluation.knn`)."""
+    t0 = time.time()
+    with session(args.device) as ctx:
+        source, out, train, val = E.start(args, ctx)
+        all_k = args.k + args.majority_k
+        if not all_k:
+            raise ConfigError("--k none and --majority-k none: nothing to evaluate")
+        if max(all_k) > len(train):
+            raise ConfigError(f"--k {max(all_k)} exceeds the {len(train)} train images of --data {args.data}")
+        tf, vf = E.features(args, source, train, val, ctx)
+        if not ctx.is_main:
+            return 0
+        assert tf is not None and vf is not None
+        t_extract = time.time() - t0
+        use_gpu = ctx.device.type == "cuda" and knn_mod.faiss_gpu_available()
+        results = knn_mod.knn_evaluate(tf.features, tf.labels, vf.features, vf.labels, train.num_classes,
+                                       ks=args.k, majority_ks=args.majority_k, temperature=args.temperature,
+                                       query_chunk=args.query_chunk, use_gpu=use_gpu)
+        seconds = time.time() - t0
+        cached = tf.cached and vf.cached
+        path = E.finish(args, out, "knn", source, train, val, [
+            dict(protocol="knn" if r.vote == "weighted" else "knn-majority", k=r.k, temperature=r.temperature,
+                 top1=r.top1, top5=r.top5, seconds=seconds, extract_seconds=t_extract, cached=cached,
+                 extra={"faiss_gpu": use_gpu, "eval_seconds": round(seconds - t_extract, 3)}) for r in results])
+        parts = " ".join(("1-NN" if (r.vote == "majority" and r.k == 1) else
+                          f"{'k' if r.vote == 'weighted' else 'maj-k'}={r.k}") + f" {r.top1:.1f}/{r.top5:.1f}"
+                         for r in results)
+        print(f"knn: {E.header(source, train, val, cached)} | top1/top5 % {parts} | T={args.temperature} | "
+              f"{seconds:.1f} s -> {path}", flush=True)
+        return 0
 
 
 def console() -> None:

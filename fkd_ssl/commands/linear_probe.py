@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+import time
 from typing import Sequence
 
 from ..cli import add_common_args, parser, positive_float, positive_int, run_main
-from ..evaluation.commands import add_cache_args, add_output_args, add_source_args, float_list, run_linear_probe
+from ..dist import session
+from ..errors import ConfigError
+from ..evaluation import commands as E
+from ..evaluation.commands import add_cache_args, add_output_args, add_source_args
+from ..evaluation.probe import DEFAULT_WDS, fast_linear_probe
+
+
+def float_list(flag: str):
+    """argparse type: ``1e-4,1e-3`` -> [0.0001, 0.001] (all >= 0)."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{flag} expects numbers >= 0, got {text!r}")
+        return values
+    return parse
 
 
 def build_parser():
@@ -36,7 +56,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
-run = run_linear_probe
+def run(args: argparse.Namespace) -> int:
+    """Fast (default) or full linear probe (see :mod:`fkd_ssl.evaluation.probe` and :mod:`~fkd_ssl.evaluation.probe_full`)."""
+    t0 = time.time()
+    with session(args.device) as ctx:
+        source, out, train, val = E.start(args, ctx)
+        if args.full:
+            from ..evaluation.probe_full import FullProbeConfig, default_state_path, full_linear_probe
+
+            wd = args.wd or [0.0]
+            if len(wd) != 1:
+                raise ConfigError("--full takes a single --wd value")
+            cfg = FullProbeConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=wd[0],
+                                  seed=args.seed)
+            res = full_linear_probe(source, train, val, train.num_classes, ctx, cfg, workers=args.workers,
+                                    state_path=default_state_path(out, source.output))
+            protocol, t_extract, cached = "linear-full", 0.0, False
+            extra = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "world_size": ctx.world_size,
+                     "weight_decay": cfg.weight_decay}
+        else:
+            tf, vf = E.features(args, source, train, val, ctx)
+            if not ctx.is_main:
+                return 0
+            assert tf is not None and vf is not None
+            t_extract = time.time() - t0
+            res = fast_linear_probe(tf.features, tf.labels, vf.features, vf.labels, train.num_classes,
+                                    wds=args.wd or DEFAULT_WDS, holdout=args.holdout, seed=args.seed,
+                                    max_iter=args.max_iter, device=ctx.device)
+            protocol, cached = "linear-fast", tf.cached and vf.cached
+            extra = {"wd": res.wd, "sweep": res.sweep, "holdout": args.holdout, "iterations": res.iterations}
+        if res is None or not ctx.is_main:
+            return 0
+        seconds = time.time() - t0
+        extra["eval_seconds"] = round(seconds - t_extract, 3)
+        path = E.finish(args, out, "linear_probe_full" if args.full else "linear_probe", source, train, val, [
+            dict(protocol=protocol, top1=res.top1, top5=res.top5, seconds=seconds, extract_seconds=t_extract,
+                 cached=cached, extra=extra)])
+        detail = (f"{args.epochs} epochs" if args.full else f"wd={res.wd:g}")
+        print(f"linear probe ({'full' if args.full else 'fast'}): {E.header(source, train, val, cached)} | "
+              f"top1 {res.top1:.1f} top5 {res.top5:.1f} | {detail} | {seconds:.1f} s -> {path}", flush=True)
+        return 0
 
 
 def console() -> None:
