@@ -96,6 +96,11 @@ def main_first(ctx: DistContext):
         barrier()
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor along dim 0 over ranks (sizes may differ per rank)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

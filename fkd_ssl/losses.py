@@ -199,14 +199,14 @@ class DistillLoss(nn.Module):
             if self.name == "infonce":
                 keys = fdist.all_gather_cat(t)  # (M, D) global batch, rank-major
                 n, m = t.shape[0], keys.shape[0]
-                offset = _rank() * n
-                if m != n * _world():
+                rank, world = fdist.rank_world()
+                if m != n * world:
                     raise RuntimeError("infonce needs the same batch size on every rank")
                 if self.multi_positive:
                     pos = image[:, None] == fdist.all_gather_cat(image)[None, :]
                 else:
                     pos = torch.zeros(n, m, dtype=torch.bool, device=s.device)
-                    pos[torch.arange(n, device=s.device), offset + torch.arange(n, device=s.device)] = True
+                    pos[torch.arange(n, device=s.device), rank * n + torch.arange(n, device=s.device)] = True
                 queued = self.queue.negatives()
                 keys_all = torch.cat([keys, queued.to(keys)], dim=0)
                 pos = torch.cat([pos, torch.zeros(n, queued.shape[0], dtype=torch.bool, device=s.device)], dim=1)
@@ -231,15 +231,3 @@ class DistillLoss(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         self.queue.load(state["queue"])
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1

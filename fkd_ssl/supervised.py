@@ -94,9 +94,9 @@ def init_backbone(model: Encoder, ref: str, device: str | torch.device = "cpu") 
     if src.spec.arch != model.spec.arch or src.spec.stem != model.spec.stem:
         raise ConfigError(f"--init {ref} is a {src.spec.arch} (stem {src.spec.stem}), the student is a "
                           f"{model.spec.arch} (stem {model.spec.stem}): use --arch/--stem {src.spec.arch}/{src.spec.stem}")
-    own = model.backbone.state_dict()
-    head = {f"{n}.{k}" for n in _classifier_names(model) for k in ("weight", "bias")}
-    copied, kept = {}, []
+    own, classifier = model.backbone.state_dict(), model.backbone.get_classifier()
+    head = {f"{n}.{k}" for n, mod in model.backbone.named_modules() if mod is classifier for k in ("weight", "bias")}
+    copied = {}
     for k, v in src.backbone.state_dict().items():
         if k in own and own[k].shape == v.shape:
             copied[k] = v
@@ -109,14 +109,6 @@ def init_backbone(model: Encoder, ref: str, device: str | torch.device = "cpu") 
     model.backbone.load_state_dict({**own, **copied})
     return {"ref": str(ref), "hash": model_identity(str(ref)), "method": meta.get("method"),
             "fresh": sorted(kept)}
-
-
-def _classifier_names(model: Encoder) -> list[str]:
-    names = []
-    for name, mod in model.backbone.named_modules():
-        if mod is model.backbone.get_classifier():
-            names.append(name)
-    return names
 
 
 class SoftLabelTask(Task):
@@ -188,6 +180,7 @@ def classifier_accuracy(model: Encoder, dataset, batch_size: int = 256, workers:
     from torch.utils.data import DataLoader
 
     from .evaluation.features import spec_eval_transform
+    from .evaluation.probe import accuracy
 
     if model.spec.num_classes != dataset.num_classes:
         raise ConfigError(f"the classifier has {model.spec.num_classes} classes, {dataset.name} has "
@@ -196,16 +189,11 @@ def classifier_accuracy(model: Encoder, dataset, batch_size: int = 256, workers:
     old, dataset.transform = dataset.transform, transform
     was_training = model.training
     model.eval()
-    correct1 = correct5 = n = 0
     try:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-        for x, y, _ in loader:
-            x, y = x.to(device), y.to(device)
-            top = model.logits(x).topk(min(5, model.spec.num_classes), dim=1).indices
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(1).sum())
-            n += int(y.shape[0])
+        logits, labels = zip(*[(model.logits(x.to(device)).cpu(), y) for x, y, _ in
+                               DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)])
     finally:
         dataset.transform = old
         model.train(was_training)
-    return {"val_top1": 100.0 * correct1 / max(n, 1), "val_top5": 100.0 * correct5 / max(n, 1)}
+    acc = accuracy(torch.cat(logits), torch.cat(labels))
+    return {"val_top1": acc[1], "val_top5": acc[5]}

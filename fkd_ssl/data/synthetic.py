@@ -22,9 +22,6 @@ from ..errors import DataError, prepare_out_dir
 
 CLASSES = ("stripes", "checker", "dots", "rings", "zigzag", "grid", "blobs", "bricks", "sunburst", "waves")
 
-#: shapes drawn as occluding clutter (not classes)
-SHAPES = ("circle", "ring", "crescent", "triangle", "square", "star", "cross", "arrow", "ell", "hourglass")
-
 FORMAT_VERSION = 2
 _SPLIT_CODES = {"train": 1, "val": 2}
 
@@ -68,33 +65,21 @@ def _star(points: int = 5, outer: float = 1.0, inner: float = 0.42) -> np.ndarra
     return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
 
 
-def _shape_parts(name: str) -> list[tuple[np.ndarray, bool]]:
-    """Polygons of a shape as (points, filled); unfilled parts are cut out of the mask."""
-    if name == "circle":
-        return [(_regular(64), True)]
-    if name == "ring":
-        return [(_regular(64), True), (_regular(64, 0.55), False)]
-    if name == "crescent":
-        return [(_regular(64), True), (_regular(64, 0.85) + [0.45, -0.1], False)]
-    if name == "triangle":
-        return [(_regular(3, 1.0, -math.pi / 2), True)]
-    if name == "square":
-        return [(_rect(-0.78, -0.78, 0.78, 0.78), True)]
-    if name == "star":
-        return [(_star(), True)]
-    if name == "cross":
-        return [(_rect(-1, -0.2, 1, 0.2), True), (_rect(-0.2, -1, 0.2, 1), True)]
-    if name == "arrow":
-        head = np.array([[0.15, -0.65], [1.0, 0.0], [0.15, 0.65]])
-        return [(_rect(-1, -0.2, 0.2, 0.2), True), (head, True)]
-    if name == "ell":
-        return [(np.array([[-0.7, -1], [-0.25, -1], [-0.25, 0.55], [0.7, 0.55], [0.7, 1], [-0.7, 1]]), True)]
-    if name == "hourglass":
-        return [(np.array([[-0.75, -1], [0.75, -1], [0, 0]]), True), (np.array([[-0.75, 1], [0.75, 1], [0, 0]]), True)]
-    raise ValueError(name)
-
-
-_PARTS = {name: _shape_parts(name) for name in SHAPES}
+#: shapes drawn as occluding clutter (not classes): polygons as (points, filled); unfilled parts are cut out
+_PARTS = {
+    "circle": [(_regular(64), True)],
+    "ring": [(_regular(64), True), (_regular(64, 0.55), False)],
+    "crescent": [(_regular(64), True), (_regular(64, 0.85) + [0.45, -0.1], False)],
+    "triangle": [(_regular(3, 1.0, -math.pi / 2), True)],
+    "square": [(_rect(-0.78, -0.78, 0.78, 0.78), True)],
+    "star": [(_star(), True)],
+    "cross": [(_rect(-1, -0.2, 1, 0.2), True), (_rect(-0.2, -1, 0.2, 1), True)],
+    "arrow": [(_rect(-1, -0.2, 0.2, 0.2), True), (np.array([[0.15, -0.65], [1.0, 0.0], [0.15, 0.65]]), True)],
+    "ell": [(np.array([[-0.7, -1], [-0.25, -1], [-0.25, 0.55], [0.7, 0.55], [0.7, 1], [-0.7, 1]]), True)],
+    "hourglass": [(np.array([[-0.75, -1], [0.75, -1], [0, 0]]), True),
+                  (np.array([[-0.75, 1], [0.75, 1], [0, 0]]), True)],
+}
+SHAPES = tuple(_PARTS)
 
 # ---------------------------------------------------------------- rendering
 

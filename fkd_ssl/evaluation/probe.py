@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
+from .knn import ranked_classes, topk_accuracy
 
 DEFAULT_WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -94,9 +95,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Top-k accuracy in percent of (N, C) logits against (N,) labels; ties go to the lower class."""
-    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
-    hit = order == y[:, None]
-    return {k: 100.0 * float(hit[:, :k].any(1).double().mean()) for k in ks}
+    return {k: 100.0 * v for k, v in topk_accuracy(ranked_classes(logits, max(ks)), y, ks).items()}
 
 
 @dataclass

@@ -160,6 +160,11 @@ class FKDLabels:
     def k(self) -> int:
         return int(self.indices.shape[1])
 
+    @property
+    def shape(self) -> tuple[int, int, str, str]:
+        """(crops, k, layout, dtype): what every file of one store must share."""
+        return self.num_crops, self.k, self.layout, self.dtype
+
 
 def _as_numpy(x: Any) -> np.ndarray | None:
     if isinstance(x, np.ndarray):
@@ -271,35 +276,22 @@ def topk_fields(labels: FKDLabels, num_classes: int, path: str | os.PathLike) ->
     return {"idx": idx.astype(np.uint16), "val": f16_toward_zero(val)}
 
 
-@dataclass
-class _ImportSpec:
-    """What every label file of one import holds (the first file's shape)."""
-
-    R: int
-    k: int
-    layout: str
-    dtype: str
-    num_classes: int
-
-    def check(self, lab: FKDLabels, path: Path) -> None:
-        """DataError naming ``path`` if its crops, k, layout or dtype differ from the first file's."""
-        if (lab.num_crops, lab.k, lab.layout, lab.dtype) != (self.R, self.k, self.layout, self.dtype):
-            raise DataError(f"FKD label file {path} holds {lab.num_crops} crops, k={lab.k}, {lab.layout} labels in "
-                            f"{lab.dtype}; the first file holds {self.R} crops, k={self.k}, {self.layout} in "
-                            f"{self.dtype} (a store needs the same for every image)")
-
-
-def _read_chunk(image_paths: list[Path], label_paths: list[Path], spec: _ImportSpec, idx: np.ndarray):
-    """Images ``idx`` -> ``(idx, params, fields, clamped, None)``, or ``(idx, None, None, 0, error)`` (in a worker)."""
+def _read_chunk(image_paths: list[Path], label_paths: list[Path], first: FKDLabels, num_classes: int,
+                idx: np.ndarray):
+    """Images ``idx`` -> ``(idx, params, fields, clamped, None)``, or ``(idx, None, None, 0, error)`` (in a worker).
+    Every file must hold as many crops, the same k, layout and dtype as the ``first`` one (a store's shape)."""
     params, fields, clamped = [], [], 0
     try:
         for i in idx:
             lp = label_paths[int(i)]
             lab = load_label_file(lp)
-            spec.check(lab, lp)
+            if lab.shape != first.shape:
+                raise DataError(f"FKD label file {lp} holds {lab.num_crops} crops, k={lab.k}, {lab.layout} labels in "
+                                f"{lab.dtype}; the first file holds {first.num_crops} crops, k={first.k}, "
+                                f"{first.layout} in {first.dtype} (a store needs the same for every image)")
             p, n = coords_to_params(lab.coords, lab.flips, *_image_size(image_paths[int(i)]))
             params.append(p)
-            fields.append(topk_fields(lab, spec.num_classes, lp))
+            fields.append(topk_fields(lab, num_classes, lp))
             clamped += n
     except DataError as e:
         return idx, None, None, 0, str(e)
@@ -331,15 +323,15 @@ def image_folder_dataset(dataset, flag: str = "--data"):
     return dataset
 
 
-def import_identity(root: Path, files: dict[str, int], spec: _ImportSpec, mode: str, views: ViewConfig,
-                    dataset) -> StoreIdentity:
+def import_identity(root: Path, files: dict[str, int], first: FKDLabels, num_classes: int, mode: str,
+                    views: ViewConfig, dataset) -> StoreIdentity:
     """The identity of a store imported from FKD folder ``root`` (what a rerun must match)."""
     fp = hashlib.sha256("".join(f"{name}\t{size}\n" for name, size in files.items()).encode()).hexdigest()[:16]
     return StoreIdentity(
         teacher={"imported_from": "fkd", "source": str(root.resolve()), "source_fingerprint": fp,
                  "hash": f"fkd:{fp}", "arch": None, "method": "fkd-import", "target": "probs", "temp": None,
-                 "dim": spec.num_classes, "label_type": label_type_name(spec.layout, spec.k, mode),
-                 "file_dtype": spec.dtype},
+                 "dim": num_classes, "label_type": label_type_name(first.layout, first.k, mode),
+                 "file_dtype": first.dtype},
         views=views.to_dict(), extra={"geometry": "fkd-pil-box"},
         dataset={"fingerprint": dataset.fingerprint(), "split": dataset.split, "num_classes": dataset.num_classes})
 
@@ -359,15 +351,14 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
     match_tree(expected, files, root, image_rels, ds.name)
     first = load_label_file(root / expected[0])
     C = int(num_classes or ds.num_classes)
-    spec = _ImportSpec(R=first.num_crops, k=first.k, layout=first.layout, dtype=first.dtype, num_classes=C)
-    if spec.k > C:
-        raise ConfigError(f"FKD labels hold the top {spec.k} classes but --num-classes is {C}")
+    if first.k > C:
+        raise ConfigError(f"FKD labels hold the top {first.k} classes but --num-classes is {C}")
     views = views or ViewConfig(size=224, scale=(0.08, 0.936), photometric=False, interpolation="bicubic")
     if views.photometric:
         raise ConfigError("FKD soft labels hold geometry only: the view config must have photometric=False")
-    identity = import_identity(root, files, spec, mode, views, ds)
+    identity = import_identity(root, files, first, C, mode, views, ds)
     out = Path(out)
-    result = ImportResult(out, len(ds), spec.R, spec.k, C, identity.teacher["label_type"], 0, 0, True)
+    result = ImportResult(out, len(ds), first.num_crops, first.k, C, identity.teacher["label_type"], 0, 0, True)
     if (out / L.MANIFEST).exists() and not overwrite:
         try:
             done = TargetStore.open(out)
@@ -376,12 +367,12 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
         if done is not None and done.identity == StoreIdentity.of(identity):
             log(f"store {out} is already complete ({done.num_images} images x {done.views_per_image} views)")
             return result
-    writer = StoreWriter.create_or_resume(out, identity, num_images=len(ds), views_per_image=spec.R,
+    writer = StoreWriter.create_or_resume(out, identity, num_images=len(ds), views_per_image=first.num_crops,
                                           param_dim=VIEW_PARAM_DIM, target_dim=C, shard_size=shard_size,
-                                          codec=TopKCodec(k=spec.k, num_classes=C, mode=mode), overwrite=overwrite)
+                                          codec=TopKCodec(k=first.k, num_classes=C, mode=mode), overwrite=overwrite)
     missing = writer.missing_images()
     chunks = [missing[a:a + IMPORT_CHUNK] for a in range(0, len(missing), IMPORT_CHUNK)]
-    read = partial(_read_chunk, [ds.path(i) for i in range(len(ds))], [root / lab for lab in expected], spec)
+    read = partial(_read_chunk, [ds.path(i) for i in range(len(ds))], [root / lab for lab in expected], first, C)
     loader = group_loader(read, chunks, workers)
     with bar(len(missing), "import-fkd", "img", enabled=show_progress) as pbar:
         for idx, params, fields, n_clamped, err in loader:
