@@ -6,12 +6,11 @@ import argparse
 import time
 from typing import Sequence
 
-from ..cli import add_common_args, parser, positive_float, positive_int, run_main
+from ..cli import positive_float, positive_int, run_main
 from ..dist import session
 from ..errors import ConfigError
 from ..evaluation import commands as E
 from ..evaluation import knn as knn_mod
-from ..evaluation.commands import add_cache_args, add_output_args, add_source_args
 from ..evaluation.knn import DEFAULT_KS, DEFAULT_T
 
 
@@ -31,9 +30,7 @@ def int_list(flag: str, allow_empty: bool = False):
 
 
 def build_parser():
-    p = parser("kNN classification of frozen features (train split = bank, val split = queries).")
-    add_source_args(p)
-    add_common_args(p, ("data", "data_root", "out", "batch_size", "workers", "device", "seed"))
+    p = E.parser("kNN classification of frozen features (train split = bank, val split = queries).")
     g = p.add_argument_group("kNN")
     g.add_argument("--k", type=int_list("--k", allow_empty=True), default=list(DEFAULT_KS),
                    help="neighbour counts for the weighted vote (comma-separated, or none)")
@@ -42,9 +39,7 @@ def build_parser():
     g.add_argument("--temperature", type=positive_float("--temperature"), default=DEFAULT_T,
                    help="T of the exp(sim / T) vote weights")
     g.add_argument("--query-chunk", type=positive_int("--query-chunk"), default=8192, help="queries per search call")
-    add_cache_args(p)
-    add_output_args(p)
-    return p
+    return E.add_cache_and_output_args(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,11 +7,10 @@ import math
 import time
 from typing import Sequence
 
-from ..cli import add_common_args, parser, positive_float, positive_int, run_main
+from ..cli import positive_float, positive_int, run_main
 from ..dist import session
 from ..errors import ConfigError
 from ..evaluation import commands as E
-from ..evaluation.commands import add_cache_args, add_output_args, add_source_args
 from ..evaluation.probe import DEFAULT_WDS, fast_linear_probe
 
 
@@ -29,10 +28,8 @@ def float_list(flag: str):
 
 
 def build_parser():
-    p = parser("Linear probe of frozen features (fast: logistic regression on cached features; "
-               "--full: augmented images, SGD, MoCo v3 style).")
-    add_source_args(p)
-    add_common_args(p, ("data", "data_root", "out", "batch_size", "workers", "device", "seed"))
+    p = E.parser("Linear probe of frozen features (fast: logistic regression on cached features; "
+                 "--full: augmented images, SGD, MoCo v3 style).")
     g = p.add_argument_group("fast probe")
     g.add_argument("--wd", type=float_list("--wd"), default=None,
                    help="weight decays to sweep (default 1e-6,...,1e-1); with --full, the one SGD weight decay (default 0)")
@@ -43,9 +40,7 @@ def build_parser():
     g.add_argument("--full", action="store_true", help="the standard protocol (for GPU runs)")
     g.add_argument("--epochs", type=positive_int("--epochs"), default=90, help="--full: passes over the images (a sample is an image)")
     g.add_argument("--lr", type=positive_float("--lr"), default=0.1, help="SGD learning rate per 256 images")
-    add_cache_args(p)
-    add_output_args(p)
-    return p
+    return E.add_cache_and_output_args(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Fast (default) or full linear probe (see :mod:`fkd_ssl.evaluation.probe` and :mod:`~fkd_ssl.evaluation.probe_full`)."""
+    """Fast (default) or full linear probe (:mod:`fkd_ssl.evaluation.probe`, :mod:`~fkd_ssl.evaluation.probe_full`)."""
     t0 = time.time()
     with session(args.device) as ctx:
         source, out, train, val = E.start(args, ctx)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import prepare_out_dir
+from .. import cli
 from ..data.datasets import IndexedDataset, build_dataset
 from ..dist import DistContext, main_first
 from ..errors import DataError
@@ -17,8 +17,10 @@ from .results import append_rows, make_row, write_json
 DEFAULT_RESULTS = "runs/results.jsonl"
 
 
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` and how to read it."""
+def parser(description: str) -> argparse.ArgumentParser:
+    """An evaluation command's parser: the model (``--checkpoint`` and how to read it), then the shared flags;
+    the command adds its own, then :func:`add_cache_and_output_args`."""
+    p = cli.parser(description)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
                    help="a checkpoint (X.safetensors / X.json), a named teacher (effnet-lite0), random:ARCH "
@@ -30,18 +32,17 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--features", default="backbone", choices=OUTPUTS,
                    help="backbone output, or the projection head output")
     g.add_argument("--name", default=None, help="label of the model in result tables (default: from --checkpoint)")
+    return cli.add_common_args(p, ("data", "data_root", "out", "batch_size", "workers", "device", "seed"))
 
 
-def add_cache_args(p: argparse.ArgumentParser) -> None:
+def add_cache_and_output_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("feature cache")
     g.add_argument("--cache-dir", default=None, help="feature cache folder (default: <data-root>/features)")
     g.add_argument("--no-cache", action="store_true", help="extract into memory, write no cache")
     g.add_argument("--cache-dtype", default="float16", choices=DTYPES, help="storage dtype of cached features")
-
-
-def add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--results", default=DEFAULT_RESULTS, help="results table that accumulates rows (.jsonl or .csv)")
+    return p
 
 
 def load_splits(spec: str, data_root: str, ctx: DistContext) -> tuple[IndexedDataset, IndexedDataset]:
@@ -61,7 +62,7 @@ def start(args: argparse.Namespace, ctx: DistContext) -> tuple[FeatureSource, Pa
     """The model, the output folder (before the work: a bad --out fails fast) and the splits of an evaluation."""
     source = resolve_source(args.checkpoint, arch=args.arch, stem=args.stem, input_size=args.input_size,
                             output=args.features, seed=args.seed, name=args.name)
-    out = prepare_out_dir(args.out if args.out else default_out_dir(source), "--out")
+    out = cli.prepare_out_dir(args.out if args.out else default_out_dir(source), "--out")
     return (source, out, *load_splits(args.data, args.data_root, ctx))
 
 
