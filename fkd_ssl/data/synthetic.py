@@ -193,21 +193,12 @@ def render(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _SPLIT_CODES[split], index])
-
-
-def label_of(index: int, num_classes: int = len(CLASSES)) -> int:
-    """Classes are balanced: image ``index`` has class ``index % num_classes``."""
-    return index % num_classes
-
-
 def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) -> None:
     for c in CLASSES:
         (out / split / c).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        label = label_of(i)
-        arr = render(label, _image_rng(cfg.seed, split, i), cfg.size)
+        label = i % len(CLASSES)  # balanced classes
+        arr = render(label, np.random.default_rng([cfg.seed, _SPLIT_CODES[split], i]), cfg.size)
         Image.fromarray(arr).save(out / split / CLASSES[label] / f"{i:06d}.jpg", quality=90)
         progress.update(1)
 

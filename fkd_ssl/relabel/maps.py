@@ -37,14 +37,6 @@ def _refuse_old_format(path: Path) -> None:
                         f"delete the folder and regenerate them with experiments/gen_label_map.py")
 
 
-def teacher_identity(model: Encoder) -> dict:
-    """What label maps record about their teacher (compared on resume)."""
-    s = model.spec
-    return {"arch": s.arch, "stem": s.stem, "num_classes": s.num_classes, "input_size": s.input_size,
-            "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation,
-            "weights": weights_digest(model)}
-
-
 def label_map_spec(model: Encoder, dataset, k: int, input_size: int | None,
                    device: torch.device) -> tuple[StoreIdentity, FieldsCodec]:
     """The store identity and codec of label maps for these settings; checks them and probes the
@@ -67,7 +59,11 @@ def label_map_spec(model: Encoder, dataset, k: int, input_size: int | None,
         raise ConfigError(f"--input-size {S}: teacher {model.spec.arch} cannot run at this size ({e})") from e
     maps = {"input_size": S, "interpolation": model.spec.interpolation, "k": int(k), "num_classes": C,
             "height": int(h), "width": int(w), "values": "float16 scores (logits)", "indices": "int16"}
-    identity = StoreIdentity(teacher=teacher_identity(model), extra={"maps": maps}, dataset={
+    s = model.spec  # the teacher as label maps record it (compared on resume)
+    teacher = {"arch": s.arch, "stem": s.stem, "num_classes": s.num_classes, "input_size": s.input_size,
+               "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation,
+               "weights": weights_digest(model)}
+    identity = StoreIdentity(teacher=teacher, extra={"maps": maps}, dataset={
         "fingerprint": dataset.fingerprint(), "split": getattr(dataset, "split", None), "num_images": len(dataset)})
     return identity, FieldsCodec([["indices", "<i2", [h, w, k]], ["values", "<f2", [h, w, k]]])
 
