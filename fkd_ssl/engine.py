@@ -317,17 +317,17 @@ def build_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: TrainConfig,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def wrap_ddp(task: Task, ctx: DistContext) -> nn.Module:
-    """``task`` in DistributedDataParallel under torchrun, else ``task`` itself."""
+def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """``module`` (a task, the full probe's layer) in DistributedDataParallel under torchrun, else itself."""
     if not ctx.distributed:
-        return task
+        return module
     import inspect
 
     ddp = nn.parallel.DistributedDataParallel
     # buffers (BN statistics, the MoCo queue) are synced once at start, not at every forward
     sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
             else {"broadcast_buffers": False})
-    return ddp(task, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **sync)
+    return ddp(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **sync)
 
 
 def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistContext, out: Path,

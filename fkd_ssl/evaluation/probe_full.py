@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import load_state, save_state
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier
-from ..engine import lr_at
+from ..engine import lr_at, wrap_ddp
 from ..errors import ConfigError
 from ..progress import bar
 from .features import FeatureSource
@@ -85,10 +85,7 @@ def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: I
     layer = nn.Linear(source.feature_dim, num_classes)
     nn.init.normal_(layer.weight, std=0.01)
     nn.init.zeros_(layer.bias)
-    layer.to(ctx.device)
-    model: nn.Module = layer
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(layer, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    model = wrap_ddp(layer.to(ctx.device), ctx)
     base_lr = cfg.lr * cfg.batch_size * ctx.world_size / 256.0
     opt = torch.optim.SGD(layer.parameters(), lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
