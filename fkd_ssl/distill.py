@@ -36,16 +36,22 @@ def open_store(path, dataset, flag: str = "--store"):
     from .store import TargetStore
 
     store = TargetStore.open(path)
-    ds_id = store.identity.dataset or {}
-    have, want = ds_id.get("fingerprint"), dataset.fingerprint()
-    if have != want or store.num_images != len(dataset):
-        raise ConfigError(f"{flag} {path} holds targets for another dataset (fingerprint {have}, "
-                          f"{store.num_images} images, split {ds_id.get('split')}) than --data {dataset.name} "
-                          f"(fingerprint {want}, {len(dataset)} {dataset.split} images); make a store for this data "
-                          f"with experiments/gen_targets.py --data {dataset.name}")
+    check_made_from(store, dataset, flag)
     if store.identity.views is None:
         raise ConfigError(f"{flag} {path} does not record the views its teacher saw (not made by gen_targets.py)")
     return store
+
+
+def check_made_from(store, dataset, flag: str = "--store", what: str = "targets",
+                    maker: str = "experiments/gen_targets.py") -> None:
+    """ConfigError naming ``flag`` and ``--data`` unless ``store`` (targets, or label maps) was made from
+    ``dataset``: the same fingerprint and image count."""
+    have = store.identity.dataset or {}
+    if have.get("fingerprint") != dataset.fingerprint() or store.num_images != len(dataset):
+        raise ConfigError(f"{flag} {store.path} holds {what} for another dataset (fingerprint "
+                          f"{have.get('fingerprint')}, {store.num_images} images, split {have.get('split')}) than "
+                          f"--data {dataset.name} (fingerprint {dataset.fingerprint()}, {len(dataset)} {dataset.split} "
+                          f"images); make {what} for this data with {maker} --data {dataset.name}")
 
 
 def store_views(store) -> ViewConfig:

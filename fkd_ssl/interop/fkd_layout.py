@@ -73,8 +73,7 @@ def resolve_fkd_root(folder: str | os.PathLike, split: str) -> Path:
 def scan_label_files(root: Path, split: str) -> dict[str, int]:
     """Every ``*.tar`` under ``root/split``: relative posix path -> size in bytes (sorted)."""
     found: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(root / split, followlinks=True):
-        dirnames.sort()
+    for dirpath, _, filenames in os.walk(root / split, followlinks=True):
         for fn in filenames:
             if fn.endswith(LABEL_SUFFIX) and not fn.startswith("."):
                 full = os.path.join(dirpath, fn)
@@ -501,14 +500,12 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     """Write the store at ``store_path`` as FKD soft labels under ``out`` (resumable, one file per image)."""
     from ..progress import bar
 
+    from ..distill import check_made_from
+
     store = TargetStore.open(store_path)
     ds = image_folder_dataset(dataset)
     k = _export_k(store, k, fp16)
-    ds_id = store.identity.dataset or {}
-    if ds_id.get("fingerprint") != ds.fingerprint() or store.num_images != len(ds):
-        raise ConfigError(f"store {store.path} holds targets for another dataset (fingerprint "
-                          f"{ds_id.get('fingerprint')}, {store.num_images} images) than --data {ds.name} "
-                          f"(fingerprint {ds.fingerprint()}, {len(ds)} {ds.split} images)")
+    check_made_from(store, ds, "store")
     labels = label_relpaths([rel for rel, _ in ds.samples], ds.split)
     spec = export_spec(store, ds, k, fp16)
     out = Path(out)

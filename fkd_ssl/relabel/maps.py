@@ -232,12 +232,9 @@ class LabelMaps(TargetStore):
 
     def check_dataset(self, dataset, flag: str = "--label-map") -> None:
         """ConfigError naming ``flag`` if the maps were made from another dataset than ``dataset``."""
-        have = self.identity.dataset
-        if have.get("fingerprint") != dataset.fingerprint() or self.num_images != len(dataset):
-            raise ConfigError(f"{flag} {self.path} holds label maps of another dataset (fingerprint "
-                              f"{have.get('fingerprint')}, {self.num_images} images) than {dataset.name} (fingerprint "
-                              f"{dataset.fingerprint()}, {len(dataset)} images); make them for this data with "
-                              f"experiments/gen_label_map.py")
+        from ..distill import check_made_from
+
+        check_made_from(self, dataset, flag, "label maps", "experiments/gen_label_map.py")
 
     def topk_batch(self, indices: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """``(values float32 (B, h, w, k), indices int64 (B, h, w, k))`` of images ``indices``."""
