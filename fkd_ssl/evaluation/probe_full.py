@@ -14,11 +14,11 @@ from torch import nn
 
 from ..checkpoint import load_state, save_state
 from ..data.datasets import IndexedDataset
-from ..dist import DistContext, all_gather_cat, barrier
+from ..dist import DistContext, barrier
 from ..engine import lr_at, wrap_ddp
 from ..errors import ConfigError
 from ..progress import bar
-from .features import FeatureSource
+from .features import FeatureSource, extract_features
 from .probe import ProbeResult, accuracy
 
 
@@ -45,30 +45,6 @@ def train_transform(source: FeatureSource):
         T.ToTensor(),
         T.Normalize(desc["mean"], desc["std"]),
     ])
-
-
-@torch.no_grad()
-def _evaluate(source: FeatureSource, layer: nn.Module, dataset: IndexedDataset, ctx: DistContext,
-              batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Logits (M, C) and labels (M,) of the whole val split on rank 0 (None elsewhere)."""
-    from torch.utils.data import DataLoader, Subset
-
-    mine = list(range(ctx.rank, len(dataset), ctx.world_size))
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers)
-    logits, labels, indices = [], [], []
-    for x, y, idx in loader:
-        logits.append(layer(source.embed(x.to(ctx.device))).float())
-        labels.append(y.to(ctx.device))
-        indices.append(idx.to(ctx.device))
-    c = layer.out_features
-    lg = torch.cat(logits) if logits else torch.zeros((0, c), device=ctx.device)
-    lb = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=ctx.device)
-    ix = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64, device=ctx.device)
-    lg, lb, ix = all_gather_cat(lg), all_gather_cat(lb), all_gather_cat(ix)
-    if not ctx.is_main:
-        return None
-    order = torch.argsort(ix)
-    return lg[order].cpu(), lb[order].cpu()
 
 
 def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: IndexedDataset, num_classes: int,
@@ -101,7 +77,6 @@ def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: I
         start_epoch = int(state["epoch"])
 
     train_ds.transform = train_transform(source)
-    val_ds.transform = source.transform
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=ctx.device.type == "cuda", drop_last=False)
@@ -125,12 +100,13 @@ def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: I
             save_state(state_path, {"epoch": epoch + 1, "layer": layer.state_dict(), "optimizer": opt.state_dict(),
                                     "settings": settings})
         barrier()
-    layer.eval()
-    out = _evaluate(source, layer, val_ds, ctx, cfg.batch_size, workers)
-    if out is None:
+    val = extract_features(source, val_ds, ctx, batch_size=cfg.batch_size, workers=workers, dtype="float32",
+                           progress=progress)  # rank 0 only, in dataset order
+    if val is None:
         return None
-    logits, labels = out
-    acc = accuracy(logits, labels)
+    with torch.no_grad():
+        logits = layer.eval()(torch.as_tensor(val.features, device=ctx.device)).float().cpu()
+    acc = accuracy(logits, torch.as_tensor(val.labels))
     return ProbeResult(acc[1], acc[5], cfg.weight_decay, [], cfg.epochs, logits.argmax(1).numpy())
 
 
