@@ -140,11 +140,11 @@ def train_student(args, data: TrainingData, task, ctx, train_set, out: Path, ide
     from . import cli
     from .engine import train
 
+    cfg, k = train_config(args, args.crops_per_image), args.crops_per_image  # a bad budget fails before --out is touched
     out = cli.prepare_out_dir(args.out or out)
     store_id = data.store.digest() if data.store is not None else None
     config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id, **config}, identity,
                                  ctx.is_main)
-    cfg, k = train_config(args, args.crops_per_image), args.crops_per_image
     data.warn_reuse(cfg.epochs, ctx.is_main)
     shared = {"crops_per_image": k, "teacher": data.teacher_id, "teacher_hash": (data.teacher_id or {}).get("hash"),
               "dataset": train_set.describe(), "views": data.dataset.student_cfg.to_dict(),
