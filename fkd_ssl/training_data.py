@@ -140,7 +140,7 @@ def train_student(args, data: TrainingData, task, ctx, train_set, out: Path, ide
     from . import cli
     from .engine import train
 
-    cfg, k = train_config(args, args.crops_per_image), args.crops_per_image  # a bad budget fails before --out is touched
+    cfg, k = train_config(args, args.crops_per_image), args.crops_per_image  # a bad budget: before --out exists
     out = cli.prepare_out_dir(args.out or out)
     store_id = data.store.digest() if data.store is not None else None
     config = cli.save_run_config(out, vars(args) | {"out": str(out), "store_id": store_id, **config}, identity,
