@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import pretrained
 from .errors import CheckpointError
 from .fileio import atomic_path, file_sha256, write_text_atomic
 from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher, named_teacher_file
@@ -80,10 +81,13 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(ref: str) -> str:
-    """A stable identity for a model reference: a file digest, or the teacher's name."""
+def model_identity(ref: str, weights: str | None = None) -> str:
+    """A stable identity for a model reference: a file digest, or the teacher's name and its file's digest."""
     if ref in NAMED_TEACHERS:
         return f"{ref}:{file_digest(named_teacher_file(ref))}"
+    if pretrained.is_pretrained_ref(ref):
+        p = pretrained.resolve(ref, weights)
+        return f"{p.extra['pretrained']}:{file_digest(p.file)}"
     return file_digest(resolve_path(ref))
 
 
@@ -122,15 +126,61 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def _load_plain(path: Path, arch: str, **spec_kw) -> tuple[Encoder, dict]:
+    """A plain timm / torchvision state dict as an :class:`Encoder` of ``arch`` (``spec_kw``: preprocessing)."""
+    sd = _plain_state_dict(path)
+    num_classes = 0
+    for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
+        if k in sd and sd[k].ndim == 2:
+            num_classes = sd[k].shape[0]
+    spec = ModelSpec(**{"arch": arch, "num_classes": num_classes, "extra": {"source": str(path)}, **spec_kw})
+    model = Encoder(spec)
+    tv = arch.startswith("tv:")
+    holder = model.backbone.net if tv else model.backbone
+    missing = set(holder.state_dict()) - set(sd)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
+    if tv:
+        # the final linear layer was moved out of the net into backbone.fc
+        head = model.backbone._head_name
+        sd = dict(sd)
+        fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
+        if num_classes:
+            model.backbone.fc.load_state_dict(fc)
+    try:
+        holder.load_state_dict(sd, strict=not tv)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
+    return model, {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+
+
+def _load_pretrained(ref: str, weights: str | None) -> tuple[Encoder, dict]:
+    """``timm:`` / ``tv:`` names from a local file, with the library's preprocessing."""
+    p = pretrained.resolve(ref, weights)
+    kw = dict(num_classes=p.num_classes, input_size=p.input_size, mean=p.mean, std=p.std,
+              interpolation=p.interpolation, extra={**p.extra, "source": str(p.file)})
+    if p.arch.startswith("tv:"):
+        return _load_plain(p.file, p.arch, **kw)
+    spec = ModelSpec(arch=p.arch, **kw)
+    try:
+        model = Encoder(spec, weights=str(p.file))
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"weights {p.file} do not fit {ref}: {str(e)[:300]}") from e
+    return model, {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(p.file)}
+
+
 def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
-               expect: str | None = None) -> tuple[Encoder, dict]:
-    """Rebuild a model and its metadata from a project checkpoint, a named teacher, or a plain
-    timm / torchvision state dict with ``arch``; ``expect`` ("classifier" / "projector") checks a part.
+               expect: str | None = None, weights: str | None = None) -> tuple[Encoder, dict]:
+    """Rebuild a model and its metadata from a project checkpoint, a named teacher, a ``timm:`` / ``tv:``
+    pretrained name (``weights``: its file), or a plain timm / torchvision state dict with ``arch``;
+    ``expect`` ("classifier" / "projector") checks a part.
     """
     ref = str(ref)
     if ref in NAMED_TEACHERS:
         model, meta = load_named_teacher(ref), {"format": FORMAT, "method": "pretrained", "name": ref}
         meta["model"] = model.spec.to_dict()
+    elif pretrained.is_pretrained_ref(ref):
+        model, meta = _load_pretrained(ref, weights)
     else:
         path = resolve_path(ref)
         tensors, meta = _read(path) if path.suffix == ".safetensors" else ({}, None)
@@ -146,38 +196,15 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                 model.load_state_dict(tensors, strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"checkpoint {path} does not match its own model spec: {str(e)[:300]}") from e
+        elif arch is None:
+            if path.suffix == ".safetensors":
+                raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is "
+                                      f"with --arch")
+            raise CheckpointError(f"checkpoint {path} is not a model of this project (a .safetensors file); "
+                                  f"if it is a plain timm / torchvision state dict, say which architecture it "
+                                  f"is with --arch")
         else:
-            if arch is None:
-                if path.suffix == ".safetensors":
-                    raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is "
-                                          f"with --arch")
-                raise CheckpointError(f"checkpoint {path} is not a model of this project (a .safetensors file); "
-                                      f"if it is a plain timm / torchvision state dict, say which architecture it "
-                                      f"is with --arch")
-            sd = _plain_state_dict(path)
-            num_classes = 0
-            for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
-                if k in sd and sd[k].ndim == 2:
-                    num_classes = sd[k].shape[0]
-            spec = ModelSpec(arch=arch, num_classes=num_classes, extra={"source": str(path)})
-            model = Encoder(spec)
-            tv = arch.startswith("tv:")
-            holder = model.backbone.net if tv else model.backbone
-            missing = set(holder.state_dict()) - set(sd)
-            if missing:
-                raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
-            if tv:
-                # the final linear layer was moved out of the net into backbone.fc
-                head = model.backbone._head_name
-                sd = dict(sd)
-                fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
-                if num_classes:
-                    model.backbone.fc.load_state_dict(fc)
-            try:
-                holder.load_state_dict(sd, strict=not tv)
-            except RuntimeError as e:
-                raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
-            meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+            model, meta = _load_plain(path, arch)
     if expect == "classifier" and model.spec.num_classes == 0:
         raise CheckpointError(f"checkpoint {ref} has no classifier; a classifier teacher is needed here")
     if expect == "projector" and model.projector is None:

@@ -128,8 +128,10 @@ class TorchvisionBackbone(nn.Module):
         return self.fc
 
 
-def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> nn.Module:
-    """A randomly initialised backbone: any timm name, or ``tv:<name>`` (``num_classes=0``: pooled features)."""
+def create_backbone(arch: str, num_classes: int = 0, stem: str = "default", weights: str | None = None) -> nn.Module:
+    """A backbone, randomly initialised or from a timm ``weights`` file loaded by timm's own pretrained
+    mechanism: any timm name, or ``tv:<name>`` (``num_classes=0``: pooled features).  Models that take
+    it (ViTs) get ``dynamic_img_size``, so they run at any patch-multiple view size."""
     if arch.startswith("tv:"):
         model: nn.Module = TorchvisionBackbone(arch[3:], num_classes)
     else:
@@ -138,7 +140,12 @@ def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> n
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch.split('_')[0][:6]}*")[:5]
             raise ConfigError(f"--arch {arch!r}: unknown timm model" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        kw = dict(pretrained=weights is not None, num_classes=num_classes,
+                  pretrained_cfg_overlay=dict(file=str(weights), source="") if weights else None)
+        try:
+            model = timm.create_model(arch, dynamic_img_size=True, **kw)
+        except TypeError:  # a model without patch embedding (the kwarg is refused before anything is built)
+            model = timm.create_model(arch, **kw)
     return adapt_stem(model, stem)
 
 
@@ -148,10 +155,10 @@ def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> n
 class Encoder(nn.Module):
     """Backbone + optional projection head / predictor / classifier (see module docstring)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, weights: str | None = None):
         super().__init__()
         self.spec = spec
-        self.backbone = create_backbone(spec.arch, spec.num_classes, spec.stem)
+        self.backbone = create_backbone(spec.arch, spec.num_classes, spec.stem, weights)
         self.feature_dim = int(self.backbone.num_features)
         self.projector: nn.Module | None = None
         self.predictor: nn.Module | None = None
