@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from . import pretrained
 from .errors import CheckpointError
 from .fileio import atomic_path, file_sha256, write_text_atomic
-from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher, named_teacher_file
+from .models import (NAMED_TEACHERS, Encoder, ModelSpec, create_backbone, load_named_teacher, map_by_order,
+                     named_teacher_file)
 
 FORMAT = "fkd_ssl.model"
 STATE_FORMAT = "fkd_ssl.state"
@@ -126,32 +127,47 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _load_plain(path: Path, arch: str, **spec_kw) -> tuple[Encoder, dict]:
-    """A plain timm / torchvision state dict as an :class:`Encoder` of ``arch`` (``spec_kw``: preprocessing)."""
+def _load_plain(path: Path, arch: str, prefix: str | None = None, **spec_kw) -> tuple[Encoder, dict]:
+    """A plain timm / torchvision state dict as an :class:`Encoder` of ``arch`` (``spec_kw``: preprocessing), or
+    an SSL library's checkpoint: the backbone under ``prefix`` (see :func:`pretrained.split_checkpoint`)."""
     sd = _plain_state_dict(path)
+    tv = arch.startswith("tv:")
+    with torch.device("meta"):  # the names the architecture expects, without building it for real
+        bare = create_backbone(arch)
+    split = pretrained.split_checkpoint(sd, prefix, set((bare.net if tv else bare).state_dict()))
+    sd, head = split.backbone, pretrained.head_spec(split.head)
     num_classes = 0
     for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
         if k in sd and sd[k].ndim == 2:
             num_classes = sd[k].shape[0]
-    spec = ModelSpec(**{"arch": arch, "num_classes": num_classes, "extra": {"source": str(path)}, **spec_kw})
+    spec = ModelSpec(**{"arch": arch, "num_classes": num_classes, "extra": {"source": str(path)}, **head, **spec_kw})
     model = Encoder(spec)
-    tv = arch.startswith("tv:")
     holder = model.backbone.net if tv else model.backbone
     missing = set(holder.state_dict()) - set(sd)
-    if missing:
+    if missing and split.prefix:  # the SSL library's own module names (e.g. a Sequential of the children): by order
+        sd = map_by_order(sd, holder.state_dict(), f"checkpoint {path} under {split.prefix} for --arch {arch}")
+    elif missing:
         raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
     if tv:
         # the final linear layer was moved out of the net into backbone.fc
-        head = model.backbone._head_name
+        head_name = model.backbone._head_name
         sd = dict(sd)
-        fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
+        fc = {k[len(head_name) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head_name + ".")}
         if num_classes:
             model.backbone.fc.load_state_dict(fc)
     try:
         holder.load_state_dict(sd, strict=not tv)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
-    return model, {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+    if head:
+        try:
+            model.projector.load_state_dict(map_by_order(split.head, model.projector.state_dict(), "head"))
+        except CheckpointError:  # not a MoCo-style head (e.g. DINO's weight-normed one): features only
+            model.projector, spec.head = None, "none"
+            split.ignored += [split.head_prefix + k for k in split.head]
+            split.head = {}
+    meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+    return model, {**meta, "loaded": split.report()} if split.prefix else meta
 
 
 def _load_pretrained(ref: str, weights: str | None) -> tuple[Encoder, dict]:
@@ -170,10 +186,10 @@ def _load_pretrained(ref: str, weights: str | None) -> tuple[Encoder, dict]:
 
 
 def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
-               expect: str | None = None, weights: str | None = None) -> tuple[Encoder, dict]:
+               expect: str | None = None, weights: str | None = None, prefix: str | None = None) -> tuple[Encoder, dict]:
     """Rebuild a model and its metadata from a project checkpoint, a named teacher, a ``timm:`` / ``tv:``
-    pretrained name (``weights``: its file), or a plain timm / torchvision state dict with ``arch``;
-    ``expect`` ("classifier" / "projector") checks a part.
+    pretrained name (``weights``: its file), or a plain timm / torchvision state dict with ``arch`` (an SSL
+    library's checkpoint: the backbone under ``prefix``, auto-detected); ``expect`` ("classifier" / "projector") checks a part.
     """
     ref = str(ref)
     if ref in NAMED_TEACHERS:
@@ -204,7 +220,7 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                                   f"if it is a plain timm / torchvision state dict, say which architecture it "
                                   f"is with --arch")
         else:
-            model, meta = _load_plain(path, arch)
+            model, meta = _load_plain(path, arch, prefix)
     if expect == "classifier" and model.spec.num_classes == 0:
         raise CheckpointError(f"checkpoint {ref} has no classifier; a classifier teacher is needed here")
     if expect == "projector" and model.projector is None:

@@ -1,4 +1,5 @@
-"""Pretrained teachers by library name: ``timm:<name>[.<tag>]`` and ``tv:<name>[:<WEIGHTS>]``.
+"""Teachers from other libraries: pretrained names ``timm:<name>[.<tag>]`` and ``tv:<name>[:<WEIGHTS>]``,
+and SSL-library checkpoints (lightly, solo-learn: a backbone under a prefix, maybe a projection head).
 
 The weights come from ``--teacher-weights`` or the library's local cache (Hugging Face / torch hub);
 nothing is downloaded.  Preprocessing (mean, std, interpolation, input size) is the library's own.
@@ -7,7 +8,8 @@ nothing is downloaded.  Preprocessing (mean, std, interpolation, input size) is 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -100,3 +102,51 @@ def resolve(ref: str, weights: str | os.PathLike | None = None) -> Pretrained:
     """The architecture, local weight file and preprocessing of ``timm:...`` / ``tv:...``."""
     kind, _, name = str(ref).partition(":")
     return _timm(name, weights) if kind == "timm" else _torchvision(name, weights)
+
+
+BACKBONE_PREFIXES = ("backbone.", "encoder.", "model.backbone.", "student.backbone.", "teacher.backbone.")
+HEAD_NAMES = ("projection_head.", "projector.", "head.")
+
+
+@dataclass
+class Split:
+    """A checkpoint's backbone tensors (prefix removed), projection head tensors and the rest."""
+
+    backbone: dict
+    prefix: str = ""
+    head: dict = field(default_factory=dict)
+    head_prefix: str = ""
+    ignored: list = field(default_factory=list)
+
+    def report(self) -> str:
+        groups = Counter(k.split(".")[0] for k in self.ignored)
+        used = f"{len(self.backbone)} tensors under {self.prefix!r}" + (
+            f" and {len(self.head)} under {self.head_prefix!r} (projection head)" if self.head else "")
+        return f"used {used}; ignored {len(self.ignored)}" + (
+            f" ({', '.join(f'{g}.* x{n}' for g, n in groups.most_common())})" if self.ignored else "")
+
+
+def split_checkpoint(sd: dict, prefix: str | None, fits: set) -> Split:
+    """The backbone under ``prefix`` (None: the first known prefix present, unless the keys ``fits``
+    already) and the projection head beside it (``projector.``, ``projection_head.`` or ``head.``)."""
+    if prefix is None:
+        prefix = "" if fits <= set(sd) else next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in sd)), "")
+    if not prefix:
+        return Split(sd)
+    parent = prefix[: -len("backbone.")] if prefix.endswith("backbone.") else ""
+    head_prefix = next((parent + h for h in HEAD_NAMES if any(k.startswith(parent + h) for k in sd)), "")
+    part = lambda p: {k[len(p):]: v for k, v in sd.items() if p and k.startswith(p)}  # noqa: E731
+    backbone, head = part(prefix), part(head_prefix)
+    if not backbone:
+        raise CheckpointError(f"--teacher-prefix {prefix}: no tensor of the checkpoint starts with it")
+    ignored = [k for k in sd if not k.startswith(prefix) and not (head_prefix and k.startswith(head_prefix))]
+    return Split(backbone, prefix, head, head_prefix, ignored)
+
+
+def head_spec(head: dict) -> dict:
+    """ModelSpec fields of a MoCo-style projection head with these tensors ({} without one)."""
+    linears = [v for v in head.values() if v.ndim == 2]
+    if not linears:
+        return {}
+    return dict(head="moco", head_hidden=linears[0].shape[0], head_out=linears[-1].shape[0], head_layers=len(linears),
+                head_bn=any(k.endswith("running_mean") for k in head))

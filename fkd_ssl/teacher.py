@@ -140,9 +140,11 @@ class TeacherEnsemble(nn.Module):
 
 def load_teacher(ref: str, arch: str | None = None, kind: str | None = None, temp: float = 1.0,
                  device: torch.device | str = "cpu", weights: str | None = None,
-                 pool: str | None = None) -> tuple[TeacherTargets, dict]:
+                 pool: str | None = None, prefix: str | None = None) -> tuple[TeacherTargets, dict]:
     """Load a teacher reference (:func:`fkd_ssl.checkpoint.load_model`) as a target function, with its identity."""
-    model, meta = load_model(ref, arch=arch, device=device, weights=weights)
+    model, meta = load_model(ref, arch=arch, device=device, weights=weights, prefix=prefix)
+    if "loaded" in meta:
+        print(f"teacher {ref}: {meta['loaded']}", flush=True)
     dev = torch.device(device)
     teacher = TeacherTargets(model, kind, temp, channels_last=dev.type == "cuda", pool=pool).to(dev)
     teacher.trained_views = meta.get("views") if isinstance(meta.get("views"), dict) else None

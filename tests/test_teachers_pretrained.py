@@ -118,3 +118,84 @@ def test_missing_weights_is_one_error_line_naming_the_file(capsys, tmp_path, mon
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert needle in lines[0] and "--teacher-weights" in lines[0]
     assert not (tmp_path / "s").exists()
+
+
+def _replayed(data_root, store_path, n=6):
+    """The store's views 0..n-1 (slot 1) as the teacher saw them, and their stored targets."""
+    store = TargetStore.open(store_path)
+    cfg = ViewConfig.from_dict(store.identity.views)
+    ds = build_dataset(TINY, "train", data_root)
+    views = torch.stack([render_view(pil_to_uint8_tensor(ds.load(i)), store.params(i, 1), cfg) for i in range(n)])
+    return store, views, store.targets(np.arange(n), np.ones(n, dtype=int))
+
+
+def _student(capsys, data_root, store, out):
+    code, _, err = command(capsys, "distill_ssl", "--data", TINY, "--data-root", data_root, "--store", store, "--out", out,
+                           "--arch", "resnet10t", "--stem", "small", "--input-size", "24", "--crops-per-image", "2",
+                           "--batch-size", "16", "--workers", "0", "--device", "cpu", "--head-hidden", "32",
+                           "--queue-size", "16", "--epochs", "2")
+    assert code == 0, err[-3000:]
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "cls+mean"])
+def test_vit_teacher_pooled_features_train_a_student(capsys, tmp_path, data_root, weights, pool):
+    file = weights / "vit.safetensors"
+    out = gen(capsys, data_root, tmp_path / "s", "--teacher", "timm:vit_tiny_patch16_224", "--teacher-weights", file,
+              "--target", "feature", "--pool", pool, "--view-size", "40")
+    assert "view size 40 rounded to 32, a multiple of the teacher's patch size 16" in out
+    store, views, stored = _replayed(data_root, tmp_path / "s")
+    assert store.identity.views["size"] == 32 and store.identity.teacher["pool"] == pool
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=True, dynamic_img_size=True,
+                            pretrained_cfg_overlay=dict(file=str(file))).eval()
+    with torch.no_grad():
+        tokens = vit.forward_features(normalize(views, vit.pretrained_cfg["mean"], vit.pretrained_cfg["std"]))
+    unit = torch.nn.functional.normalize
+    parts = {"cls": unit(tokens[:, 0], dim=1), "mean": unit(tokens[:, 1:].mean(1), dim=1)}
+    ref = unit(torch.cat([parts[p] for p in pool.split("+")], 1), dim=1).numpy()
+    np.testing.assert_allclose(stored, ref, atol=1e-5)
+    _student(capsys, data_root, tmp_path / "s", tmp_path / "student")
+
+
+def test_ssl_library_checkpoint_backbone_and_head(capsys, tmp_path, data_root):
+    """A lightly-style ViT checkpoint: backbone + MoCo v3-style head + momentum copies; --target proj
+    uses the head, the loader says what it used and ignored."""
+    from lightly.models.modules.heads import MoCoProjectionHead
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True).eval()
+    head = MoCoProjectionHead(192, 64, 16, num_layers=3, batch_norm=True).eval()
+    parts = {"backbone": vit, "projection_head": head, "backbone_momentum": vit}
+    torch.save({"state_dict": {f"{p}.{k}": v for p, m in parts.items() for k, v in m.state_dict().items()}},
+               tmp_path / "lightly.ckpt")
+    n_vit, n_head = len(vit.state_dict()), len(head.state_dict())
+    out = gen(capsys, data_root, tmp_path / "s", "--teacher", tmp_path / "lightly.ckpt", "--arch", "vit_tiny_patch16_224",
+              "--target", "proj")
+    assert (f"used {n_vit} tensors under 'backbone.' and {n_head} under 'projection_head.' (projection head); "
+            f"ignored {n_vit} (backbone_momentum.* x{n_vit})") in out
+    store, views, stored = _replayed(data_root, tmp_path / "s")
+    teacher = store.identity.teacher
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(head(vit(normalize(views, teacher["mean"], teacher["std"]))), dim=1)
+    np.testing.assert_allclose(stored, ref.numpy(), atol=1e-5)
+
+
+def test_solo_learn_style_checkpoint_by_module_order(tmp_path):
+    """A torchvision backbone saved as a Sequential of its children under ``backbone.``, a projector
+    beside it and other tensors: the backbone loads by tensor order, the rest is reported."""
+    from fkd_ssl.checkpoint import load_model
+
+    net = torchvision.models.resnet18().eval()
+    seq = torch.nn.Sequential(*list(net.children())[:-1])
+    sd = {f"backbone.{k}": v for k, v in seq.state_dict().items()}
+    sd.update({"projector.0.weight": torch.randn(32, 512), "projector.0.bias": torch.randn(32),
+               "projector.2.weight": torch.randn(8, 32), "projector.2.bias": torch.randn(8),
+               "classifier.weight": torch.randn(10, 512), "classifier.bias": torch.randn(10)})
+    torch.save(sd, tmp_path / "solo.pth")
+    model, meta = load_model(tmp_path / "solo.pth", arch="tv:resnet18")
+    assert meta["loaded"].endswith("ignored 2 (classifier.* x2)") and model.spec.head_out == 8
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.features(x), seq(x).flatten(1), atol=1e-5)
+    with pytest.raises(Exception, match="--teacher-prefix nothing.: no tensor"):
+        load_model(tmp_path / "solo.pth", arch="tv:resnet18", prefix="nothing.")

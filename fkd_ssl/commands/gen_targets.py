@@ -34,6 +34,9 @@ def build_parser():
                    help="weight file of a timm:/tv: --teacher (once per such teacher, in order); default: the "
                         "library's local cache")
     p.add_argument("--arch", default=None, help="architecture of a plain state-dict --teacher (tv:<name> for torchvision)")
+    p.add_argument("--teacher-prefix", default=None,
+                   help="an SSL library's checkpoint (lightly, solo-learn): the backbone's key prefix, e.g. backbone. "
+                        "(default: detected); a projection head beside it is loaded for --target proj")
     p.add_argument("--target", choices=TARGET_KINDS, default=None,
                    help="proj (SSL head, default with a head), feature, or probs (classifier softmax)")
     p.add_argument("--pool", choices=POOLS, default=None,
@@ -192,7 +195,8 @@ def run(args) -> int:
     try:
         args.teacher = args.teacher or [_default_teacher(args)]
         teacher, teacher_id = load_teachers(args.teacher, args.teacher_weights, args.ensemble, arch=args.arch,
-                                            kind=args.target, temp=args.temp, device=ctx.device, pool=args.pool)
+                                            kind=args.target, temp=args.temp, device=ctx.device, pool=args.pool,
+                                            prefix=args.teacher_prefix)
         names = [Path(t).parent.name if Path(t).exists() else t for t in args.teacher]
         out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, "+".join(names)))
         with fdist.main_first(ctx):
