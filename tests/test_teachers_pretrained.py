@@ -35,11 +35,11 @@ def command(capsys, module: str, *argv) -> tuple[object, str, str]:
     return e.value.code, cap.out, cap.err
 
 
-def gen(capsys, data_root, out, *extra) -> str:
+def gen(capsys, data_root, out, *extra, views=("--views-per-image", "2", "--view-size", "32")) -> str:
     """A tiny store (2 views of each image at 32 px); the command's stdout."""
-    code, stdout, err = command(capsys, "gen_targets", "--data", TINY, "--data-root", data_root, "--out", out,
-                                "--views-per-image", "2", "--view-size", "32", "--batch-size", "16", "--workers", "0",
-                                "--device", "cpu", "--shard-size", "16", "--codec", "fp32", *extra)
+    code, stdout, err = command(capsys, "gen_targets", "--data", TINY, "--data-root", data_root, "--out", out, *views,
+                                "--batch-size", "16", "--workers", "0", "--device", "cpu", "--shard-size", "16",
+                                "--codec", "fp32", *extra)
     assert code == 0, err[-3000:]
     return stdout
 
