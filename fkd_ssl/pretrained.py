@@ -63,14 +63,15 @@ def _timm(name: str, weights) -> Pretrained:
 
         for fn in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
             hit = try_to_load_from_cache(cfg.hf_hub_id, fn)
-            file = Path(hit) if isinstance(hit, str) else file
-            if file:
+            if isinstance(hit, str):
+                file = Path(hit)
                 break
     if file is None and cfg.url and _hub_file(cfg.url).is_file():
         file = _hub_file(cfg.url)
     if file is None:
-        where = (f"model.safetensors of https://huggingface.co/{cfg.hf_hub_id} (huggingface-cli download "
-                 f"{cfg.hf_hub_id}, cache {constants.HF_HUB_CACHE})" if cfg.hf_hub_id else f"{cfg.url} as {_hub_file(cfg.url)}")
+        where = (f"{cfg.hf_hub_filename or 'model.safetensors'} of https://huggingface.co/{cfg.hf_hub_id} "
+                 f"(huggingface-cli download {cfg.hf_hub_id}, cache {constants.HF_HUB_CACHE})" if cfg.hf_hub_id
+                 else f"{cfg.url} as {_hub_file(cfg.url)}" if cfg.url else "its weight file")
         raise CheckpointError(f"--teacher timm:{name}: weights not cached; get {where}, or pass the file with --teacher-weights")
     return Pretrained(name, file, cfg.num_classes or 0, int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std),
                       cfg.interpolation if cfg.interpolation in ("bicubic", "nearest") else "bilinear",
