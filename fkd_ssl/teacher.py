@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoint import load_model, model_identity
 from .errors import ConfigError
 from .models import Encoder
+from .pretrained import is_pretrained_ref
 from .views import normalize
 
 TARGET_KINDS = ("proj", "feature", "probs")
@@ -159,8 +160,6 @@ def load_teacher(ref: str, arch: str | None = None, kind: str | None = None, tem
 def load_teachers(refs: list[str], weights: list[str] | None = None, ensemble: str = "mean", **kw):
     """One teacher (as :func:`load_teacher`) or an ensemble; ``weights`` go to the ``timm:`` / ``tv:``
     references in order.  An ensemble's identity names every member."""
-    from .pretrained import is_pretrained_ref
-
     named = [r for r in refs if is_pretrained_ref(r)]
     weights = list(weights or [])
     if weights and len(weights) != len(named):
