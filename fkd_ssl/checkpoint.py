@@ -135,7 +135,7 @@ def _load_plain(path: Path, arch: str, prefix: str | None = None, **spec_kw) -> 
     with torch.device("meta"):  # the names the architecture expects, without building it for real
         bare = create_backbone(arch)
     split = pretrained.split_checkpoint(sd, prefix, set((bare.net if tv else bare).state_dict()))
-    sd, head = split.backbone, pretrained.head_spec(split.head)
+    sd, head = split.backbone, pretrained.head_spec(split)
     num_classes = 0
     for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
         if k in sd and sd[k].ndim == 2:
@@ -161,8 +161,9 @@ def _load_plain(path: Path, arch: str, prefix: str | None = None, **spec_kw) -> 
         raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
     if head:
         try:
-            model.projector.load_state_dict(map_by_order(split.head, model.projector.state_dict(), "head"))
-        except CheckpointError:  # not a MoCo-style head (e.g. DINO's weight-normed one): features only
+            order = pretrained.module_order
+            model.projector.load_state_dict(map_by_order(order(split.head), order(model.projector.state_dict()), "head"))
+        except CheckpointError:  # a head of another form (e.g. with batch norm in DINO's MLP): features only
             model.projector, spec.head = None, "none"
             split.ignored += [split.head_prefix + k for k in split.head]
             split.head = {}

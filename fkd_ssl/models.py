@@ -15,7 +15,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 
 STEMS = ("default", "small", "cifar")
-HEADS = ("none", "moco", "simsiam")
+HEADS = ("none", "moco", "simsiam", "dino")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -169,6 +169,9 @@ class Encoder(nn.Module):
                                                       num_layers=spec.head_layers, batch_norm=spec.head_bn)
         elif spec.head == "simsiam":
             self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
+        elif spec.head == "dino":  # DINO's MLP up to its bottleneck (not the weight-normed prototype layer)
+            dims = [self.feature_dim] + [spec.head_hidden] * (spec.head_layers - 1) + [spec.head_out]
+            self.projector = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.GELU())][:-1])
         if spec.predictor_hidden > 0:
             self.predictor = heads.SimSiamPredictionHead(spec.head_out, spec.predictor_hidden, spec.head_out)
 

@@ -118,6 +118,7 @@ class Split:
     head: dict = field(default_factory=dict)
     head_prefix: str = ""
     ignored: list = field(default_factory=list)
+    head_kind: str = "moco"  # or "dino": an MLP to the bottleneck, then the prototypes (``last_layer``)
 
     def report(self) -> str:
         groups = Counter(k.split(".")[0] for k in self.ignored)
@@ -140,14 +141,23 @@ def split_checkpoint(sd: dict, prefix: str | None, fits: set) -> Split:
     backbone, head = part(prefix), part(head_prefix)
     if not backbone:
         raise CheckpointError(f"--teacher-prefix {prefix}: no tensor of the checkpoint starts with it")
-    ignored = [k for k in sd if not k.startswith(prefix) and not (head_prefix and k.startswith(head_prefix))]
-    return Split(backbone, prefix, head, head_prefix, ignored)
+    kind = "dino" if any(k.startswith("last_layer.") for k in head) else "moco"
+    head = {k: v for k, v in head.items() if not k.startswith("last_layer.")}  # DINO's prototypes: not a target
+    used = {prefix + k for k in backbone} | {head_prefix + k for k in head}
+    return Split(backbone, prefix, head, head_prefix, [k for k in sd if k not in used], kind)
 
 
-def head_spec(head: dict) -> dict:
-    """ModelSpec fields of a MoCo-style projection head with these tensors ({} without one)."""
-    linears = [v for v in head.values() if v.ndim == 2]
+def module_order(tensors: dict) -> dict:
+    """``tensors`` sorted by module index (``mlp.2.bias`` after ``mlp.0.weight``): the order a head's
+    tensors map in, whatever order the file kept them in (safetensors sorts by name)."""
+    return dict(sorted(tensors.items(), key=lambda kv: [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                                                        for p in kv[0].split(".")]))
+
+
+def head_spec(split: Split) -> dict:
+    """ModelSpec fields of the projection head of ``split`` ({} without one)."""
+    linears = [v for v in split.head.values() if v.ndim == 2]
     if not linears:
         return {}
-    return dict(head="moco", head_hidden=linears[0].shape[0], head_out=linears[-1].shape[0], head_layers=len(linears),
-                head_bn=any(k.endswith("running_mean") for k in head))
+    return dict(head=split.head_kind, head_hidden=linears[0].shape[0], head_out=linears[-1].shape[0],
+                head_layers=len(linears), head_bn=any(k.endswith("running_mean") for k in split.head))

@@ -199,3 +199,23 @@ def test_solo_learn_style_checkpoint_by_module_order(tmp_path):
         assert torch.allclose(model.features(x), seq(x).flatten(1), atol=1e-5)
     with pytest.raises(Exception, match="--teacher-prefix nothing.: no tensor"):
         load_model(tmp_path / "solo.pth", arch="tv:resnet18", prefix="nothing.")
+
+
+def test_dino_style_checkpoint_projects_to_the_bottleneck(tmp_path, capsys):
+    """DINO's teacher: ``backbone.`` + ``head.mlp`` (GELU MLP) + ``head.last_layer`` (weight-normed
+    prototypes): --target proj is the normalised bottleneck; the prototype layer is reported ignored."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True).eval()
+    mlp = torch.nn.Sequential(torch.nn.Linear(192, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                              torch.nn.Linear(64, 16))
+    last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 100, bias=False))
+    sd = {**{f"backbone.{k}": v for k, v in vit.state_dict().items()},
+          **{f"head.mlp.{k}": v for k, v in mlp.state_dict().items()},
+          **{f"head.last_layer.{k}": v for k, v in last.state_dict().items()}}
+    save_file(sd, str(tmp_path / "dino.safetensors"))
+    teacher, ident = load_teacher(str(tmp_path / "dino.safetensors"), arch="vit_tiny_patch16_224", kind="proj")
+    assert "and 6 under 'head.' (projection head); ignored 2 (head.* x2)" in capsys.readouterr().out
+    views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(mlp(vit(normalize(views, ident["mean"], ident["std"]))), dim=1)
+    assert ident["dim"] == 16 and torch.allclose(teacher(views), ref, atol=1e-5)
