@@ -105,8 +105,10 @@ def resolve(ref: str, weights: str | os.PathLike | None = None) -> Pretrained:
     return _timm(name, weights) if kind == "timm" else _torchvision(name, weights)
 
 
-BACKBONE_PREFIXES = ("backbone.", "encoder.", "model.backbone.", "student.backbone.", "teacher.backbone.")
+BACKBONE_PREFIXES = ("backbone.", "encoder.", "model.backbone.", "student.backbone.", "teacher.backbone.",
+                     "encoder_q.", "base_encoder.")
 HEAD_NAMES = ("projection_head.", "projector.", "head.")
+INNER_HEADS = {"encoder_q.": "fc.", "base_encoder.": "head."}  # MoCo v1/v2 and v3: the head inside the encoder
 
 
 @dataclass
@@ -130,15 +132,18 @@ class Split:
 
 def split_checkpoint(sd: dict, prefix: str | None, fits: set) -> Split:
     """The backbone under ``prefix`` (None: the first known prefix present, unless the keys ``fits``
-    already) and the projection head beside it (``projector.``, ``projection_head.`` or ``head.``)."""
+    already) and the projection head beside it (``projector.``, ``projection_head.`` or ``head.``), or
+    inside it for MoCo's own checkpoints (:data:`INNER_HEADS`)."""
     if prefix is None:
         prefix = "" if fits <= set(sd) else next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in sd)), "")
     if not prefix:
         return Split(sd)
     parent = prefix[: -len("backbone.")] if prefix.endswith("backbone.") else ""
-    head_prefix = next((parent + h for h in HEAD_NAMES if any(k.startswith(parent + h) for k in sd)), "")
+    names = [prefix + INNER_HEADS[prefix]] if prefix in INNER_HEADS else [parent + h for h in HEAD_NAMES]
+    head_prefix = next((h for h in names if any(k.startswith(h) for k in sd)), "")
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if p and k.startswith(p)}  # noqa: E731
-    backbone, head = part(prefix), part(head_prefix)
+    head = part(head_prefix)
+    backbone = {k: v for k, v in part(prefix).items() if not (head_prefix and (prefix + k).startswith(head_prefix))}
     if not backbone:
         raise CheckpointError(f"--teacher-prefix {prefix}: no tensor of the checkpoint starts with it")
     kind = "dino" if any(k.startswith("last_layer.") for k in head) else "moco"

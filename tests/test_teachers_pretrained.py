@@ -219,3 +219,23 @@ def test_dino_style_checkpoint_projects_to_the_bottleneck(tmp_path, capsys):
     with torch.no_grad():
         ref = torch.nn.functional.normalize(mlp(vit(normalize(views, ident["mean"], ident["std"]))), dim=1)
     assert ident["dim"] == 16 and torch.allclose(teacher(views), ref, atol=1e-5)
+
+
+def test_moco_v2_checkpoint_with_the_head_inside_the_encoder(tmp_path, capsys):
+    """MoCo v2's own checkpoint layout: ``module.encoder_q.*`` with the projection MLP as its ``fc``,
+    the key encoder and the queue beside it, wrapped with the epoch and optimizer state."""
+    torch.manual_seed(0)
+    enc = torchvision.models.resnet18()
+    enc.fc = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    enc.eval()
+    sd = {f"module.{p}.{k}": v for p in ("encoder_q", "encoder_k") for k, v in enc.state_dict().items()}
+    sd.update({"module.queue": torch.randn(16, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd}, tmp_path / "moco_v2.pth.tar")
+    teacher, ident = load_teacher(str(tmp_path / "moco_v2.pth.tar"), arch="tv:resnet18")
+    n = len(enc.state_dict())
+    assert (f"used {n - 4} tensors under 'encoder_q.' and 4 under 'encoder_q.fc.' (projection head); ignored {n + 2} "
+            f"(encoder_k.* x{n}, queue.* x1, queue_ptr.* x1)") in capsys.readouterr().out
+    views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(enc(normalize(views, ident["mean"], ident["std"])), dim=1)
+    assert ident["target"] == "proj" and torch.allclose(teacher(views), ref, atol=1e-5)
