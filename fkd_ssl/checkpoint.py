@@ -130,18 +130,27 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _load_plain(path: Path, arch: str, prefix: str | None = None, **spec_kw) -> tuple[Encoder, dict]:
     """A plain timm / torchvision state dict as an :class:`Encoder` of ``arch`` (``spec_kw``: preprocessing), or
     an SSL library's checkpoint: the backbone under ``prefix`` (see :func:`pretrained.split_checkpoint`)."""
-    sd = _plain_state_dict(path)
     tv = arch.startswith("tv:")
     with torch.device("meta"):  # the names the architecture expects, without building it for real
         bare = create_backbone(arch)
-    split = pretrained.split_checkpoint(sd, prefix, set((bare.net if tv else bare).state_dict()))
-    sd, head = split.backbone, pretrained.head_spec(split)
+    split = pretrained.split_checkpoint(_plain_state_dict(path), prefix, set((bare.net if tv else bare).state_dict()))
     num_classes = 0
     for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
-        if k in sd and sd[k].ndim == 2:
-            num_classes = sd[k].shape[0]
-    spec = ModelSpec(**{"arch": arch, "num_classes": num_classes, "extra": {"source": str(path)}, **head, **spec_kw})
+        if k in split.backbone and split.backbone[k].ndim == 2:
+            num_classes = split.backbone[k].shape[0]
+    spec = ModelSpec(**{"arch": arch, "num_classes": num_classes, "extra": {"source": str(path)},
+                        **pretrained.head_spec(split), **spec_kw})
     model = Encoder(spec)
+    _load_backbone(model, split, path)
+    if model.projector is not None:
+        _load_head(model, split)
+    meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+    return model, {**meta, "loaded": split.report()} if split.prefix else meta
+
+
+def _load_backbone(model: Encoder, split: "pretrained.Split", path: Path) -> None:
+    arch, sd = model.spec.arch, split.backbone
+    tv = arch.startswith("tv:")
     holder = model.backbone.net if tv else model.backbone
     missing = set(holder.state_dict()) - set(sd)
     if missing and split.prefix:  # the SSL library's own module names (e.g. a Sequential of the children): by order
@@ -150,25 +159,26 @@ def _load_plain(path: Path, arch: str, prefix: str | None = None, **spec_kw) -> 
         raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
     if tv:
         # the final linear layer was moved out of the net into backbone.fc
-        head_name = model.backbone._head_name
+        head = model.backbone._head_name
         sd = dict(sd)
-        fc = {k[len(head_name) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head_name + ".")}
-        if num_classes:
+        fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
+        if model.spec.num_classes:
             model.backbone.fc.load_state_dict(fc)
     try:
         holder.load_state_dict(sd, strict=not tv)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
-    if head:
-        try:
-            order = pretrained.module_order
-            model.projector.load_state_dict(map_by_order(order(split.head), order(model.projector.state_dict()), "head"))
-        except CheckpointError:  # a head of another form (e.g. with batch norm in DINO's MLP): features only
-            model.projector, spec.head = None, "none"
-            split.ignored += [split.head_prefix + k for k in split.head]
-            split.head = {}
-    meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
-    return model, {**meta, "loaded": split.report()} if split.prefix else meta
+
+
+def _load_head(model: Encoder, split: "pretrained.Split") -> None:
+    """The checkpoint's projection head, matched in module order; one of another form is dropped and reported."""
+    order = pretrained.module_order
+    try:
+        model.projector.load_state_dict(map_by_order(order(split.head), order(model.projector.state_dict()), "head"))
+    except CheckpointError:  # e.g. batch norm in DINO's MLP: features only
+        model.projector, model.spec.head = None, "none"
+        split.ignored += [split.head_prefix + k for k in split.head]
+        split.head = {}
 
 
 def _load_pretrained(ref: str, weights: str | None) -> tuple[Encoder, dict]:
@@ -181,7 +191,7 @@ def _load_pretrained(ref: str, weights: str | None) -> tuple[Encoder, dict]:
     spec = ModelSpec(arch=p.arch, **kw)
     try:
         model = Encoder(spec, weights=str(p.file))
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
+    except Exception as e:  # timm and safetensors raise their own types for a file that does not fit
         raise CheckpointError(f"weights {p.file} do not fit {ref}: {str(e)[:300]}") from e
     return model, {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(p.file)}
 
