@@ -239,3 +239,22 @@ def test_moco_v2_checkpoint_with_the_head_inside_the_encoder(tmp_path, capsys):
     with torch.no_grad():
         ref = torch.nn.functional.normalize(enc(normalize(views, ident["mean"], ident["std"])), dim=1)
     assert ident["target"] == "proj" and torch.allclose(teacher(views), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--teacher", "timm:resnet18", "--teacher-weights", "garbage"], "do not fit timm:resnet18"),
+    (["--teacher", "timm:resnet18", "--teacher-weights", "vit"], "do not fit timm:resnet18"),
+    (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--teacher-weights", "r18"],
+     "--teacher-weights given 2 times for 1 timm:/tv: teachers"),
+    (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--target", "feature", "--pool", "cls"],
+     "--pool cls: the teacher resnet18.a1_in1k has no patch tokens"),
+    (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--teacher", "timm:vit_tiny_patch16_224",
+      "--teacher-weights", "vit", "--target", "feature"], "--ensemble mean: the teachers' targets have dims [192, 512]"),
+])
+def test_bad_teacher_flags_are_one_error_line(capsys, tmp_path, data_root, weights, extra, needle):
+    (weights / "garbage").write_bytes(b"\x00" * 100)
+    files = {"garbage": weights / "garbage", "r18": weights / "r18.safetensors", "vit": weights / "vit.safetensors"}
+    code, _, err = command(capsys, "gen_targets", "--data", TINY, "--data-root", data_root, "--out", tmp_path / "s",
+                           "--device", "cpu", *[files.get(a, a) for a in extra])
+    assert code == 2 and "Traceback" not in err and needle in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "s").exists()
