@@ -38,7 +38,7 @@ class TeacherTargets(nn.Module):
     def __init__(self, model: Encoder, kind: str | None = None, temp: float = 1.0, channels_last: bool = False,
                  pool: str | None = None):
         super().__init__()
-        kind = kind or default_target(model)
+        kind = kind or ("feature" if pool else default_target(model))
         if kind not in TARGET_KINDS:
             raise ConfigError(f"--target {kind!r}: one of {', '.join(TARGET_KINDS)}")
         if kind == "proj" and model.projector is None:

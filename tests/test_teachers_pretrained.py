@@ -142,7 +142,7 @@ def _student(capsys, data_root, store, out):
 def test_vit_teacher_pooled_features_train_a_student(capsys, tmp_path, data_root, weights, pool):
     file = weights / "vit.safetensors"
     out = gen(capsys, data_root, tmp_path / "s", "--teacher", "timm:vit_tiny_patch16_224", "--teacher-weights", file,
-              "--target", "feature", "--pool", pool, "--view-size", "40")
+              "--pool", pool, "--view-size", "40")  # --pool implies --target feature
     assert "view size 40 rounded to 32, a multiple of the teacher's patch size 16" in out
     store, views, stored = _replayed(data_root, tmp_path / "s")
     assert store.identity.views["size"] == 32 and store.identity.teacher["pool"] == pool
@@ -246,7 +246,7 @@ def test_moco_v2_checkpoint_with_the_head_inside_the_encoder(tmp_path, capsys):
     (["--teacher", "timm:resnet18", "--teacher-weights", "vit"], "do not fit timm:resnet18"),
     (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--teacher-weights", "r18"],
      "--teacher-weights given 2 times for 1 timm:/tv: teachers"),
-    (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--target", "feature", "--pool", "cls"],
+    (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--pool", "cls"],
      "--pool cls: the teacher resnet18.a1_in1k has no patch tokens"),
     (["--teacher", "timm:resnet18", "--teacher-weights", "r18", "--teacher", "timm:vit_tiny_patch16_224",
       "--teacher-weights", "vit", "--target", "feature"], "--ensemble mean: the teachers' targets have dims [192, 512]"),

@@ -40,7 +40,7 @@ def build_parser():
     p.add_argument("--target", choices=TARGET_KINDS, default=None,
                    help="proj (SSL head, default with a head), feature, or probs (classifier softmax)")
     p.add_argument("--pool", choices=POOLS, default=None,
-                   help="--target feature of a ViT teacher: class token, mean patch token, or both concatenated")
+                   help="a ViT teacher's feature (implies --target feature): class token, mean patch token, or both")
     p.add_argument("--ensemble", choices=ENSEMBLE_MODES, default="mean",
                    help="several teachers: mean of their targets, or their targets concatenated")
     p.add_argument("--views-from", default=None,
