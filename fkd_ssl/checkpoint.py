@@ -17,9 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import pretrained
 from .errors import CheckpointError
 from .fileio import atomic_path, file_sha256, write_text_atomic
-from .models import NAMED_TEACHERS, Encoder, ModelSpec, load_named_teacher, named_teacher_file
+from .models import (NAMED_TEACHERS, Encoder, ModelSpec, create_backbone, load_named_teacher, map_by_order,
+                     named_teacher_file)
 
 FORMAT = "fkd_ssl.model"
 STATE_FORMAT = "fkd_ssl.state"
@@ -80,10 +82,13 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(ref: str) -> str:
-    """A stable identity for a model reference: a file digest, or the teacher's name."""
+def model_identity(ref: str, weights: str | None = None) -> str:
+    """A stable identity for a model reference: a file digest, or the teacher's name and its file's digest."""
     if ref in NAMED_TEACHERS:
         return f"{ref}:{file_digest(named_teacher_file(ref))}"
+    if pretrained.is_pretrained_ref(ref):
+        p = pretrained.resolve(ref, weights)
+        return f"{p.extra['pretrained']}:{file_digest(p.file)}"
     return file_digest(resolve_path(ref))
 
 
@@ -122,15 +127,87 @@ def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def _load_plain(path: Path, arch: str, prefix: str | None = None, **spec_kw) -> tuple[Encoder, dict]:
+    """A plain timm / torchvision state dict as an :class:`Encoder` of ``arch`` (``spec_kw``: preprocessing), or
+    an SSL library's checkpoint: the backbone under ``prefix`` (see :func:`pretrained.split_checkpoint`)."""
+    tv = arch.startswith("tv:")
+    with torch.device("meta"):  # the names the architecture expects, without building it for real
+        bare = create_backbone(arch)
+    split = pretrained.split_checkpoint(_plain_state_dict(path), prefix, set((bare.net if tv else bare).state_dict()))
+    num_classes = 0
+    for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
+        if k in split.backbone and split.backbone[k].ndim == 2:
+            num_classes = split.backbone[k].shape[0]
+    spec = ModelSpec(**{"arch": arch, "num_classes": num_classes, "extra": {"source": str(path)},
+                        **pretrained.head_spec(split), **spec_kw})
+    model = Encoder(spec)
+    _load_backbone(model, split, path)
+    if model.projector is not None:
+        _load_head(model, split)
+    meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+    return model, {**meta, "loaded": split.report()} if split.prefix else meta
+
+
+def _load_backbone(model: Encoder, split: "pretrained.Split", path: Path) -> None:
+    arch, sd = model.spec.arch, split.backbone
+    tv = arch.startswith("tv:")
+    holder = model.backbone.net if tv else model.backbone
+    missing = set(holder.state_dict()) - set(sd)
+    if missing and split.prefix:  # the SSL library's own module names (e.g. a Sequential of the children): by order
+        sd = map_by_order(sd, holder.state_dict(), f"checkpoint {path} under {split.prefix} for --arch {arch}")
+    elif missing:
+        raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
+    if tv:
+        # the final linear layer was moved out of the net into backbone.fc
+        head = model.backbone._head_name
+        sd = dict(sd)
+        fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
+        if model.spec.num_classes:
+            model.backbone.fc.load_state_dict(fc)
+    try:
+        holder.load_state_dict(sd, strict=not tv)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
+
+
+def _load_head(model: Encoder, split: "pretrained.Split") -> None:
+    """The checkpoint's projection head, matched in module order; one of another form is dropped and reported."""
+    order = pretrained.module_order
+    try:
+        model.projector.load_state_dict(map_by_order(order(split.head), order(model.projector.state_dict()), "head"))
+    except CheckpointError:  # e.g. batch norm in DINO's MLP: features only
+        model.projector, model.spec.head = None, "none"
+        split.ignored += [split.head_prefix + k for k in split.head]
+        split.head = {}
+
+
+def _load_pretrained(ref: str, weights: str | None) -> tuple[Encoder, dict]:
+    """``timm:`` / ``tv:`` names from a local file, with the library's preprocessing."""
+    p = pretrained.resolve(ref, weights)
+    kw = dict(num_classes=p.num_classes, input_size=p.input_size, mean=p.mean, std=p.std,
+              interpolation=p.interpolation, extra={**p.extra, "source": str(p.file)})
+    if p.arch.startswith("tv:"):
+        return _load_plain(p.file, p.arch, **kw)
+    spec = ModelSpec(arch=p.arch, **kw)
+    try:
+        model = Encoder(spec, weights=str(p.file))
+    except Exception as e:  # timm and safetensors raise their own types for a file that does not fit
+        raise CheckpointError(f"weights {p.file} do not fit {ref}: {str(e)[:300]}") from e
+    return model, {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(p.file)}
+
+
 def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
-               expect: str | None = None) -> tuple[Encoder, dict]:
-    """Rebuild a model and its metadata from a project checkpoint, a named teacher, or a plain
-    timm / torchvision state dict with ``arch``; ``expect`` ("classifier" / "projector") checks a part.
+               expect: str | None = None, weights: str | None = None, prefix: str | None = None) -> tuple[Encoder, dict]:
+    """Rebuild a model and its metadata from a project checkpoint, a named teacher, a ``timm:`` / ``tv:``
+    pretrained name (``weights``: its file), or a plain timm / torchvision state dict with ``arch`` (an SSL
+    library's checkpoint: the backbone under ``prefix``, auto-detected); ``expect`` ("classifier" / "projector") checks a part.
     """
     ref = str(ref)
     if ref in NAMED_TEACHERS:
         model, meta = load_named_teacher(ref), {"format": FORMAT, "method": "pretrained", "name": ref}
         meta["model"] = model.spec.to_dict()
+    elif pretrained.is_pretrained_ref(ref):
+        model, meta = _load_pretrained(ref, weights)
     else:
         path = resolve_path(ref)
         tensors, meta = _read(path) if path.suffix == ".safetensors" else ({}, None)
@@ -146,38 +223,15 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
                 model.load_state_dict(tensors, strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"checkpoint {path} does not match its own model spec: {str(e)[:300]}") from e
+        elif arch is None:
+            if path.suffix == ".safetensors":
+                raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is "
+                                      f"with --arch")
+            raise CheckpointError(f"checkpoint {path} is not a model of this project (a .safetensors file); "
+                                  f"if it is a plain timm / torchvision state dict, say which architecture it "
+                                  f"is with --arch")
         else:
-            if arch is None:
-                if path.suffix == ".safetensors":
-                    raise CheckpointError(f"checkpoint {path} is a plain state dict: say which architecture it is "
-                                          f"with --arch")
-                raise CheckpointError(f"checkpoint {path} is not a model of this project (a .safetensors file); "
-                                      f"if it is a plain timm / torchvision state dict, say which architecture it "
-                                      f"is with --arch")
-            sd = _plain_state_dict(path)
-            num_classes = 0
-            for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight", "heads.head.weight"):
-                if k in sd and sd[k].ndim == 2:
-                    num_classes = sd[k].shape[0]
-            spec = ModelSpec(arch=arch, num_classes=num_classes, extra={"source": str(path)})
-            model = Encoder(spec)
-            tv = arch.startswith("tv:")
-            holder = model.backbone.net if tv else model.backbone
-            missing = set(holder.state_dict()) - set(sd)
-            if missing:
-                raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: missing {sorted(missing)[:3]}...")
-            if tv:
-                # the final linear layer was moved out of the net into backbone.fc
-                head = model.backbone._head_name
-                sd = dict(sd)
-                fc = {k[len(head) + 1:]: sd.pop(k) for k in list(sd) if k.startswith(head + ".")}
-                if num_classes:
-                    model.backbone.fc.load_state_dict(fc)
-            try:
-                holder.load_state_dict(sd, strict=not tv)
-            except RuntimeError as e:
-                raise CheckpointError(f"checkpoint {path} does not fit --arch {arch}: {str(e)[:300]}") from e
-            meta = {"format": FORMAT, "method": "pretrained", "model": spec.to_dict(), "source": str(path)}
+            model, meta = _load_plain(path, arch, prefix)
     if expect == "classifier" and model.spec.num_classes == 0:
         raise CheckpointError(f"checkpoint {ref} has no classifier; a classifier teacher is needed here")
     if expect == "projector" and model.projector is None:

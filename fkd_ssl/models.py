@@ -15,7 +15,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 
 STEMS = ("default", "small", "cifar")
-HEADS = ("none", "moco", "simsiam")
+HEADS = ("none", "moco", "simsiam", "dino")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -128,8 +128,10 @@ class TorchvisionBackbone(nn.Module):
         return self.fc
 
 
-def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> nn.Module:
-    """A randomly initialised backbone: any timm name, or ``tv:<name>`` (``num_classes=0``: pooled features)."""
+def create_backbone(arch: str, num_classes: int = 0, stem: str = "default", weights: str | None = None) -> nn.Module:
+    """A backbone, randomly initialised or from a timm ``weights`` file loaded by timm's own pretrained
+    mechanism: any timm name, or ``tv:<name>`` (``num_classes=0``: pooled features).  Models that take
+    it (ViTs) get ``dynamic_img_size``, so they run at any patch-multiple view size."""
     if arch.startswith("tv:"):
         model: nn.Module = TorchvisionBackbone(arch[3:], num_classes)
     else:
@@ -138,7 +140,12 @@ def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> n
         if not timm.is_model(arch):
             close = timm.list_models(f"*{arch.split('_')[0][:6]}*")[:5]
             raise ConfigError(f"--arch {arch!r}: unknown timm model" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        kw = dict(pretrained=weights is not None, num_classes=num_classes,
+                  pretrained_cfg_overlay=dict(file=str(weights), source="") if weights else None)
+        try:
+            model = timm.create_model(arch, dynamic_img_size=True, **kw)
+        except TypeError:  # a model without patch embedding (the kwarg is refused before anything is built)
+            model = timm.create_model(arch, **kw)
     return adapt_stem(model, stem)
 
 
@@ -148,10 +155,10 @@ def create_backbone(arch: str, num_classes: int = 0, stem: str = "default") -> n
 class Encoder(nn.Module):
     """Backbone + optional projection head / predictor / classifier (see module docstring)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, weights: str | None = None):
         super().__init__()
         self.spec = spec
-        self.backbone = create_backbone(spec.arch, spec.num_classes, spec.stem)
+        self.backbone = create_backbone(spec.arch, spec.num_classes, spec.stem, weights)
         self.feature_dim = int(self.backbone.num_features)
         self.projector: nn.Module | None = None
         self.predictor: nn.Module | None = None
@@ -162,6 +169,9 @@ class Encoder(nn.Module):
                                                       num_layers=spec.head_layers, batch_norm=spec.head_bn)
         elif spec.head == "simsiam":
             self.projector = heads.SimSiamProjectionHead(self.feature_dim, spec.head_hidden, spec.head_out)
+        elif spec.head == "dino":  # DINO's MLP up to its bottleneck (not the weight-normed prototype layer)
+            dims = [self.feature_dim] + [spec.head_hidden] * (spec.head_layers - 1) + [spec.head_out]
+            self.projector = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.GELU())][:-1])
         if spec.predictor_hidden > 0:
             self.predictor = heads.SimSiamPredictionHead(spec.head_out, spec.predictor_hidden, spec.head_out)
 

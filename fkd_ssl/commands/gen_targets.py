@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..generate import generate
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from ..store.layout import HEADER, num_shards
-from ..teacher import TARGET_KINDS, default_views, load_teacher
+from ..teacher import ENSEMBLE_MODES, POOLS, TARGET_KINDS, default_views, load_teachers
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
 
 
@@ -26,15 +26,29 @@ def build_parser():
     p = cli.parser(__doc__)
     cli.add_common_args(p, ("data", "data_root", "out", "batch_size", "workers", "device", "seed"), batch_size=256,
                         workers=1)
-    p.add_argument("--teacher", default=None,
-                   help="project checkpoint, effnet-lite0/1/2, or a plain timm/torchvision state dict with --arch "
-                        "(default: the teacher pretrain_teacher.py wrote for --data)")
+    p.add_argument("--teacher", action="append", default=None,
+                   help="project checkpoint, effnet-lite0/1/2, timm:<name>[.<tag>], tv:<name>[:<WEIGHTS>], or a plain "
+                        "timm/torchvision state dict with --arch (default: the teacher pretrain_teacher.py wrote for "
+                        "--data); given several times: an ensemble on the same views")
+    p.add_argument("--teacher-weights", action="append", default=None,
+                   help="weight file of a timm:/tv: --teacher (once per such teacher, in order); default: the "
+                        "library's local cache")
     p.add_argument("--arch", default=None, help="architecture of a plain state-dict --teacher (tv:<name> for torchvision)")
+    p.add_argument("--teacher-prefix", default=None,
+                   help="an SSL library's checkpoint (lightly, solo-learn): the backbone's key prefix, e.g. backbone. "
+                        "(default: detected); a projection head beside it is loaded for --target proj")
     p.add_argument("--target", choices=TARGET_KINDS, default=None,
                    help="proj (SSL head, default with a head), feature, or probs (classifier softmax)")
+    p.add_argument("--pool", choices=POOLS, default=None,
+                   help="a ViT teacher's feature (implies --target feature): class token, mean patch token, or both")
+    p.add_argument("--ensemble", choices=ENSEMBLE_MODES, default="mean",
+                   help="several teachers: mean of their targets, or their targets concatenated")
+    p.add_argument("--views-from", default=None,
+                   help="a store whose views (seed, R, view distribution) this store repeats exactly")
     p.add_argument("--temp", type=cli.positive_float("--temp"), default=1.0, help="softmax temperature for --target probs")
-    p.add_argument("--views-per-image", type=cli.positive_int("--views-per-image"), default=40,
-                   help="R stored views per image (a student using K per step gets R/K epochs of fresh views)")
+    p.add_argument("--views-per-image", type=cli.positive_int("--views-per-image"), default=None,
+                   help="R stored views per image (a student using K per step gets R/K epochs of fresh views; "
+                        "default 40)")
     p.add_argument("--codec", choices=("fp32", "fp16", "int8", "pq", "topk"), default=None,
                    help="target codec (default: fp16 for vectors, topk for probabilities)")
     p.add_argument("--topk", type=cli.positive_int("--topk"), default=5, help="k for --codec topk")
@@ -101,8 +115,40 @@ def _default_teacher(args) -> str:
     return str(path)
 
 
-def _views(args, teacher) -> ViewConfig:
-    """The teacher's view distribution with the overrides of --view-size, --crop-min, --photometric."""
+def _views_from(args, train_set) -> ViewConfig:
+    """--views-from: the other store's view distribution; its seed and R become this run's."""
+    other = TargetStore.open(args.views_from)
+    ident = other.identity
+    if ident.dataset.get("fingerprint") != train_set.fingerprint() or ident.dataset.get("split") != args.split:
+        raise ConfigError(f"--views-from {args.views_from} was made from another dataset or split than --data "
+                          f"{args.data} --split {args.split}")
+    given = [f for f, v in (("--view-size", args.view_size), ("--crop-min", args.crop_min)) if v is not None]
+    if given or args.photometric != "auto" or args.views_per_image not in (None, other.views_per_image):
+        raise ConfigError(f"--views-from {args.views_from} sets the views: leave out "
+                          f"{', '.join(given) or '--photometric / --views-per-image'}")
+    args.seed, args.views_per_image = ident.seed, other.views_per_image
+    print(f"views from {args.views_from}: seed {ident.seed}, {other.views_per_image} views per image", flush=True)
+    return ViewConfig.from_dict(ident.views)
+
+
+def _fit_patch(views: ViewConfig, teacher, fixed: bool) -> ViewConfig:
+    """Views of a ViT teacher at a multiple of its patch size (rounded, and said so)."""
+    p = teacher.patch
+    if views.size % p == 0:
+        return views
+    if fixed:
+        raise ConfigError(f"--views-from: the views' size {views.size} is not a multiple of the teacher's patch size {p}")
+    size = max(p, round(views.size / p) * p)
+    print(f"note: view size {views.size} rounded to {size}, a multiple of the teacher's patch size {p}", flush=True)
+    return ViewConfig.from_dict({**views.to_dict(), "size": size})
+
+
+def _views(args, teacher, train_set) -> ViewConfig:
+    """--views-from's views, or the teacher's view distribution with the overrides of --view-size,
+    --crop-min, --photometric; a multiple of a ViT teacher's patch size."""
+    if args.views_from:
+        return _fit_patch(_views_from(args, train_set), teacher, fixed=True)
+    args.views_per_image = args.views_per_image or 40
     views = default_views(teacher)
     overrides = {}
     if args.view_size:
@@ -111,7 +157,7 @@ def _views(args, teacher) -> ViewConfig:
         overrides["scale"] = (args.crop_min, views.scale[1])
     if args.photometric != "auto":
         overrides["photometric"] = args.photometric == "on"
-    return ViewConfig.from_dict({**views.to_dict(), **overrides})
+    return _fit_patch(ViewConfig.from_dict({**views.to_dict(), **overrides}), teacher, fixed=False)
 
 
 def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> StoreWriter:
@@ -147,13 +193,15 @@ def _finish(out, stats, ctx) -> None:
 def run(args) -> int:
     ctx = fdist.setup(args.device)
     try:
-        args.teacher = args.teacher or _default_teacher(args)
-        teacher, teacher_id = load_teacher(args.teacher, args.arch, args.target, args.temp, ctx.device)
-        teacher_name = Path(args.teacher).parent.name if Path(args.teacher).exists() else args.teacher
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, teacher_name))
+        args.teacher = args.teacher or [_default_teacher(args)]
+        teacher, teacher_id = load_teachers(args.teacher, args.teacher_weights, args.ensemble, arch=args.arch,
+                                            kind=args.target, temp=args.temp, device=ctx.device, pool=args.pool,
+                                            prefix=args.teacher_prefix)
+        names = [Path(t).parent.name if Path(t).exists() else t for t in args.teacher]
+        out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, "+".join(names)))
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
-        views = _views(args, teacher)
+        views = _views(args, teacher, train_set)
         identity = StoreIdentity(teacher=teacher_id, views=views.to_dict(), seed=args.seed, group=args.group,
                                    dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
                                             "num_classes": train_set.num_classes})
