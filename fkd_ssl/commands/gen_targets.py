@@ -17,6 +17,7 @@ from ..data import build_dataset, load_uint8
 from ..errors import ConfigError
 from ..generate import generate
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
+from ..store.geometry import ReplayGeometry
 from ..store.layout import HEADER, num_shards
 from ..teacher import TARGET_KINDS, default_views, load_teacher
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
@@ -117,7 +118,8 @@ def _views(args, teacher) -> ViewConfig:
 def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> StoreWriter:
     """Create or resume the store on rank 0 (fitting a PQ codec first), then open this rank's shards."""
     kw = dict(num_images=len(train_set), views_per_image=args.views_per_image, param_dim=VIEW_PARAM_DIM,
-              target_dim=teacher.dim, shard_size=args.shard_size)
+              target_dim=teacher.dim, shard_size=args.shard_size,
+              geometry=ReplayGeometry(VIEW_PARAM_DIM, views.to_dict(), args.seed))
     with fdist.main_first(ctx):
         if ctx.is_main:
             fresh = not (out / HEADER).exists() or args.overwrite
