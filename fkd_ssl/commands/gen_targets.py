@@ -15,9 +15,10 @@ from .. import cli
 from .. import dist as fdist
 from ..data import build_dataset, load_uint8
 from ..errors import ConfigError
-from ..generate import generate
+from ..generate import GroupViews, generate
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from ..store.geometry import ReplayGeometry
+from ..store.plan import StorePlan
 from ..store.layout import HEADER, num_shards
 from ..teacher import TARGET_KINDS, default_views, load_teacher
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
@@ -56,6 +57,8 @@ def build_parser():
     p.add_argument("--split", choices=("train", "val"), default="train")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--plan", action="store_true", help="print the store's size, the free space at --out and an "
+                   "estimated generation time (the teacher timed on a few images here); write nothing")
     return p
 
 
@@ -133,6 +136,15 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
     return StoreWriter.create_or_resume(out, identity, codec=codec, shards=shards, **kw)
 
 
+def _plan(args, out, teacher, train_set, views, codec, device) -> StorePlan:
+    def step(i):  # one image's views through the teacher, as generate() does
+        it = GroupViews(train_set, [np.array([i])], views, args.seed, args.views_per_image)[0][0]
+        for c in range(0, 0 if it.views is None else len(it.views), args.batch_size):
+            teacher(it.views[c:c + args.batch_size].to(device))
+    return StorePlan.of(out, len(train_set), args.views_per_image, codec, teacher.dim, ReplayGeometry(
+        VIEW_PARAM_DIM, views.to_dict(), args.seed), args.shard_size, step if args.plan else None)
+
+
 def _finish(out, stats, ctx) -> None:
     """Rank 0: finalize the store once every rank is done and print its summary."""
     fdist.barrier()
@@ -152,14 +164,21 @@ def run(args) -> int:
         args.teacher = args.teacher or _default_teacher(args)
         teacher, teacher_id = load_teacher(args.teacher, args.arch, args.target, args.temp, ctx.device)
         teacher_name = Path(args.teacher).parent.name if Path(args.teacher).exists() else args.teacher
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, teacher_name))
+        out = Path(args.out or cli.default_run_dir("store", args.data, teacher_name))
+        out = out if args.plan else cli.prepare_out_dir(out)
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
         views = _views(args, teacher)
         identity = StoreIdentity(teacher=teacher_id, views=views.to_dict(), seed=args.seed, group=args.group,
                                    dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
                                             "num_classes": train_set.num_classes})
-        writer = _open_writer(args, out, identity, _codec(args, teacher), teacher, train_set, views, ctx)
+        codec = _codec(args, teacher)
+        plan = _plan(args, out, teacher, train_set, views, codec, ctx.device)
+        if args.plan:
+            print(plan.render(), flush=True)
+            return 0
+        plan.check()
+        writer = _open_writer(args, out, identity, codec, teacher, train_set, views, ctx)
         stats = generate(teacher, train_set, writer, views, args.seed, args.batch_size, args.workers, ctx.device,
                          args.group, amp=not args.no_amp, show_progress=ctx.is_main)
         writer.complete_owned()
