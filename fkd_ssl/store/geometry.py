@@ -112,9 +112,6 @@ class ReplayGeometry(Geometry):
         return [int(i) for i, im in zip(idx, images) if zlib.crc32(np.ascontiguousarray(
             self._sample(i, range(views_per_image), im["height"], im["width"]), "<f4").tobytes()) != im["check"]]
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_cfg"}
-
 
 def from_spec(spec: dict | None, param_dim: int) -> Geometry:
     """The geometry a header records (none: ``float32``, stores of format version 1)."""

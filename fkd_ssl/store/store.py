@@ -41,7 +41,7 @@ class TargetStore:
         self.geometry = from_spec(manifest.get("geometry"), self.param_dim)
         self.stored_dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._fields = [n for n in self.dtype.names if n != L.PARAMS_FIELD]
-        self._maps: dict[tuple[int, str], np.memmap] = {}
+        self._maps: dict[tuple[int, bool], np.memmap] = {}
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------ opening / checking
@@ -192,7 +192,7 @@ class TargetStore:
         return out
 
     def records(self, idx_i: ArrayLike, idx_r: ArrayLike) -> np.ndarray:
-        """Raw records (structured dtype, (B,)) of views ``(idx_i[b], idx_r[b])``; the two
+        """Records (``dtype``: ``params`` float32 (P,) then the codec's fields, (B,)) of views ``(idx_i[b], idx_r[b])``; the two
         index arrays broadcast against each other (e.g. one image, several views)."""
         i, r = np.broadcast_arrays(np.asarray(idx_i, dtype=np.int64), np.asarray(idx_r, dtype=np.int64))
         i, r = i.reshape(-1), r.reshape(-1)
