@@ -15,6 +15,13 @@ of done mask, for N = 1,281,167 ImageNet-1k training images.
 Prints a markdown table (docs/store.md holds a copy).
 
     python bench/bench_codecs.py [--eval 2000] [--train 20000]
+
+``--students``: student accuracy per codec instead.  One ``gen_targets.py`` store per codec of the
+same views (same seed, teacher and data: views are a pure function of the seed), the same SSL
+student trained from each (``fkd-distill-ssl``, K = 4), judged by kNN (k = 20) and the fast
+linear probe, side by side.  Runs one after another; rerunning skips finished runs.
+
+    python bench/bench_codecs.py --students [--data synthetic:train=2000,val=500] [--epochs 8]
 """
 
 from __future__ import annotations
@@ -66,11 +73,52 @@ def gb(bytes_per_view: int, P: int, R: int) -> float:
     return (IMAGENET * R * (bytes_per_view + 4 * P) + IMAGENET) / 1e9
 
 
+def student_rows(a) -> list[str]:
+    """One markdown row per codec: bytes/view, store MB, kNN and probe top-1 of a student trained from it."""
+    import json
+    from pathlib import Path
+
+    from bench_students import _call, _knn20
+    from fkd_ssl.commands import distill_ssl, gen_targets, linear_probe
+    from fkd_ssl.store import TargetStore
+
+    out = Path(a.out)
+    common = ["--data", a.data, "--workers", 1, "--device", "cpu", "--seed", 0]
+    rows = []
+    for flags in (["--codec", "fp32"], ["--codec", "fp16"], ["--codec", "int8"],
+                  ["--codec", "pq", "--pq-m", a.dim // 8], ["--codec", "pq", "--pq-m", a.dim // 32]):
+        name = "-".join(map(str, flags[1::2]))
+        store, run = out / f"store-{name}", out / f"student-{name}"
+        _call(gen_targets.main, [*common, "--teacher", "effnet-lite0", "--target", "feature", "--view-size",
+                                 a.view, "--views-per-image", a.views, *flags, "--out", store])
+        _call(distill_ssl.main, [*common, "--store", store, "--arch", "resnet10t", "--input-size", a.size,
+                                 "--crops-per-image", 4, "--epochs", a.epochs, "--batch-size", 128, "--out", run])
+        _call(linear_probe.main, [*common, "--checkpoint", run / "model.safetensors", "--out", run / "probe",
+                                  "--no-cache", "--results", out / "results.jsonl"])
+        probe = json.loads(next((run / "probe").glob("linear_probe*.json")).read_text())["results"][0]["top1"]
+        s = TargetStore.open(store)
+        rows.append(f"| {' '.join(map(str, flags))} | {s.codec.bytes_per_view(s.target_dim)} | "
+                    f"{s.nbytes() / (s.num_images * s.views_per_image):.1f} | {_knn20(run, common):.1f} | {probe:.1f} |")
+    return ["| gen_targets.py flags | target bytes/view | store bytes/view (all files) | kNN top-1 (k=20) | "
+            "probe top-1 |", "|---|---:|---:|---:|---:|"] + rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=2000, help="rows to measure fidelity on")
     ap.add_argument("--train", type=int, default=20000, help="pq training rows")
+    ap.add_argument("--students", action="store_true", help="student accuracy per codec (see above)")
+    ap.add_argument("--data", default="synthetic:train=2000,val=500")
+    ap.add_argument("--out", default="runs/bench-codecs")
+    ap.add_argument("--epochs", type=int, default=8, help="student epochs")
+    ap.add_argument("--views", type=int, default=8, help="R stored views per image")
+    ap.add_argument("--view", type=int, default=48, help="the teacher's view side")
+    ap.add_argument("--size", type=int, default=32, help="the student's side")
+    ap.add_argument("--dim", type=int, default=1280, help="the teacher's target dimension (pq M = dim/8, dim/32)")
     a = ap.parse_args()
+    if a.students:
+        print("\n".join(student_rows(a)))
+        return
     rows = []  # (codec, dim, bytes/view, fidelity text, seconds to encode eval rows)
     for D in (128, 1280):
         x = features(a.eval, D, seed=1)

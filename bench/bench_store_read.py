@@ -1,80 +1,91 @@
 """Random-access read throughput: the target store vs FKD's published one-file-per-image layout.
 
-Both hold, for N images x R views, the crop box (4 floats), the flip, and the teacher's top-5
-class probabilities (C = 1000).  A student reads K random views of a random image; both paths
-return the same thing: geometry float32 (K, 5) and marginal-smoothed targets float32 (K, C).
+Both hold, for N images x R views, each view's crop box and flip and the teacher's top-5 class
+probabilities (C = 1000).  A student reads K random views of a random image; every path returns
+the crop boxes and flips and the marginal-smoothed targets float32 (K, C), checked equal.
 
-* store: ``TargetStore.read(i, views)`` (one call per image; also batched, 256 images per call);
-* published layout: one ``torch.save`` file per image holding ``[coords (R, 4) float,
-  flips (R,) bool, [label (2, 5) = [indices; values] for each crop]]``, read with
-  ``torch.load(weights_only=True)``.
+* store: as gen_targets.py writes it (crop + flip views recomputed from the seed, nothing stored
+  per view but the top-5), ``TargetStore.read(i, views)``, one call per image; and the same store
+  with the geometry stored as float32 (5 per view, what format version 1 did), for the trade-off;
+* published layout: one file per image written as FKD's generator does, ``torch.save([coords (R, 4)
+  float32, flips (R,) bool, labels (R, 2, 5) float32])`` of numpy arrays, read with plain
+  ``torch.load(weights_only=False)`` (what FKD's training code does) and with this project's
+  safe loader (``fkd_ssl.interop.fkd_layout.load_label_file``, no unpickling of code).
 
-Both are warm (just written, in the page cache; dropping the cache needs root).  Prints
-images/s of both and their ratio (measured side by side in this run).
+Warm: the files in the page cache (best of 3 interleaved passes).  Cold: every file of both
+layouts evicted with ``os.posix_fadvise(POSIX_FADV_DONTNEED)`` before each pass (the store is
+reopened so none of its pages stay mapped).  ``--dir`` must be on a disk (not tmpfs).
 
-    python bench/bench_store_read.py [--images 3000] [--views 64] [--k 4]
+    python bench/bench_store_read.py [--images 3000] [--views 64] [--k 4] [--dir runs/bench-read]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fkd_ssl.interop.fkd_layout import load_label_file
 from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec
+from fkd_ssl.store.geometry import Geometry, ReplayGeometry
+from fkd_ssl.views import VIEW_PARAM_DIM, ViewConfig, sample_views
 
-C, TOPK = 1000, 5
-
-
-def teacher(idx: np.ndarray, R: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fake teacher output for images ``idx``: params (B,R,5) float32, probs (B,R,C) float32."""
-    rng = np.random.default_rng(int(idx[0]))
-    params = rng.random((len(idx), R, 5), dtype=np.float32)
-    params[..., 4] = params[..., 4] > 0.5
-    z = 3 * rng.standard_normal((len(idx), R, C)).astype(np.float32)
-    z = np.exp(z - z.max(-1, keepdims=True))
-    return params, (z / z.sum(-1, keepdims=True)).astype(np.float32)
+C, TOPK, SIZE, SEED = 1000, 5, (375, 500), 0
+CFG = ViewConfig(size=224, scale=(0.08, 1.0), photometric=False, interpolation="bicubic")
 
 
-def build(root: Path, N: int, R: int) -> tuple[Path, Path, float, float]:
+def build(root: Path, N: int, R: int) -> tuple[Path, Path, Path]:
     codec = make_codec("topk", k=TOPK, num_classes=C)
-    store = root / "store"
-    files = root / "per_image"
-    files.mkdir()
-    w = StoreWriter.create_or_resume(store, {"bench": "read"}, num_images=N, views_per_image=R, param_dim=5,
-                                     target_dim=C, codec=codec, shard_size=1024, provenance={"command": "bench"})
-    t_store = t_files = 0.0
+    store, stored, files = root / "store", root / "store-float32", root / "per_image"
+    files.mkdir(parents=True)
+    kw = dict(num_images=N, views_per_image=R, target_dim=C, codec=codec, shard_size=4096,
+              provenance={"command": "bench"})
+    w = StoreWriter.create_or_resume(store, {"bench": "read"}, param_dim=VIEW_PARAM_DIM, **kw,
+                                     geometry=ReplayGeometry(VIEW_PARAM_DIM, CFG.to_dict(), SEED))
+    w5 = StoreWriter.create_or_resume(stored, {"bench": "read"}, param_dim=5, **kw, geometry=Geometry(5))
     for start in range(0, N, 50):
         idx = np.arange(start, min(start + 50, N))
-        params, probs = teacher(idx, R)
-        t0 = time.perf_counter()
-        w.write(idx, params, probs)
-        t_store += time.perf_counter() - t0
+        params = np.stack([sample_views(CFG, SEED, i, range(R), *SIZE) for i in idx])
+        z = 3 * np.random.default_rng(start).standard_normal((len(idx), R, C)).astype(np.float32)
+        probs = np.exp(z - z.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        w.write(idx, params, probs, sizes=[SIZE] * len(idx))
+        w5.write(idx, np.ascontiguousarray(params[..., :5]), probs)
         enc = codec.encode(probs.reshape(-1, C))
-        ind = enc["idx"].reshape(len(idx), R, TOPK).astype(np.float32)
-        val = enc["val"].reshape(len(idx), R, TOPK).astype(np.float32)
-        t0 = time.perf_counter()
+        labels = np.stack([enc["idx"], enc["val"]], 1).astype(np.float32).reshape(len(idx), R, 2, TOPK)
         for b, i in enumerate(idx):
-            labels = [torch.from_numpy(np.stack([ind[b, r], val[b, r]])) for r in range(R)]
-            torch.save([torch.from_numpy(params[b, :, :4].copy()), torch.from_numpy(params[b, :, 4] > 0.5), labels],
-                       files / f"{i:07d}.pth")
-        t_files += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    w.complete_owned()
-    finalize(store)
-    t_store += time.perf_counter() - t0
-    return store, files, t_store, t_files
+            torch.save([params[b, :, :4].copy(), params[b, :, 4] > 0.5, labels[b]], files / f"{i:07d}.tar")
+    for writer, path in ((w, store), (w5, stored)):
+        writer.complete_owned()
+        finalize(path)
+    return store, stored, files
 
 
-def read_files(files: Path, i: int, views: np.ndarray, codec) -> tuple[np.ndarray, np.ndarray]:
-    coords, flips, labels = torch.load(files / f"{i:07d}.pth", weights_only=True)
-    params = torch.cat([coords[views], flips[views, None].float()], 1).numpy()
-    lab = torch.stack([labels[int(r)] for r in views]).numpy()  # (K, 2, 5)
-    return params, codec.decode({"idx": lab[:, 0].astype(np.uint16), "val": lab[:, 1].astype(np.float16)})
+def read_plain(files: Path, i: int, views: np.ndarray, codec):
+    coords, flips, labels = torch.load(files / f"{i:07d}.tar", weights_only=False)
+    lab = labels[views]
+    return coords[views], flips[views], codec.decode({"idx": lab[:, 0].astype(np.uint16),
+                                                      "val": lab[:, 1].astype(np.float16)})
+
+
+def read_safe(files: Path, i: int, views: np.ndarray, codec):
+    lab = load_label_file(files / f"{i:07d}.tar")
+    return lab.coords[views], lab.flips[views], codec.decode({"idx": lab.indices[views].astype(np.uint16),
+                                                              "val": lab.values[views].astype(np.float16)})
+
+
+def evict(folder: Path) -> None:
+    for f in folder.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def main() -> None:
@@ -82,64 +93,67 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--views", type=int, default=64)
     ap.add_argument("--k", type=int, default=4, help="views read per image")
-    ap.add_argument("--reads", type=int, default=3000, help="images read per timed pass (store)")
-    ap.add_argument("--file-reads", type=int, default=500, help="images read per timed pass (published layout)")
+    ap.add_argument("--reads", type=int, default=1000, help="images read per timed pass")
+    ap.add_argument("--dir", type=Path, default=Path("runs/bench-read"), help="scratch folder on a disk (deleted)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     N, R, K = a.images, a.views, a.k
-    with tempfile.TemporaryDirectory() as tmp:
-        store_path, files, t_ws, t_wf = build(Path(tmp), N, R)
-        store = TargetStore.open(store_path)
-        codec = store.codec
-        rng = np.random.default_rng(0)
-        order = rng.integers(0, N, a.reads)
-        views = np.stack([rng.choice(R, K, replace=False) for _ in range(a.reads)])
+    shutil.rmtree(a.dir, ignore_errors=True)
+    store_path, stored_path, files = build(a.dir, N, R)
+    codec = TargetStore.open(store_path).codec
+    rng = np.random.default_rng(0)
+    order = rng.integers(0, N, a.reads)
+    views = np.stack([rng.choice(R, K, replace=False) for _ in range(a.reads)])
 
-        # correctness: both paths give the same geometry and targets
-        for i, v in zip(order[:50], views[:50]):
-            p1, t1 = store.read(int(i), v)
-            p2, t2 = read_files(files, int(i), v, codec)
-            assert np.array_equal(p1, p2) and np.array_equal(t1, t2)
+    def via(store):
+        def read(i, v):
+            p, t = store.read(i, v)
+            return p[:, :4], p[:, 4] > 0.5, t
+        return read
 
-        def time_store() -> float:
-            t0 = time.perf_counter()
-            for i, v in zip(order, views):
-                store.read(int(i), v)
-            return a.reads / (time.perf_counter() - t0)
+    def paths(store, stored):
+        return {"store": via(store), "store, float32 geometry stored": via(stored),
+                "plain torch.load": lambda i, v: read_plain(files, i, v, codec),
+                "safe loader": lambda i, v: read_safe(files, i, v, codec)}
 
-        def time_store_batched(B: int = 256) -> float:
-            t0 = time.perf_counter()
-            for s in range(0, a.reads, B):
-                ii = np.repeat(order[s:s + B], K)
-                store.read(ii, views[s:s + B].reshape(-1))
-            return a.reads / (time.perf_counter() - t0)
+    def reopen():
+        for f in (store_path, stored_path, files):
+            evict(f)
+        return TargetStore.open(store_path), TargetStore.open(stored_path)
 
-        def time_files() -> float:
-            n = min(a.file_reads, a.reads)
-            t0 = time.perf_counter()
-            for i, v in zip(order[:n], views[:n]):
-                read_files(files, int(i), v, codec)
-            return n / (time.perf_counter() - t0)
+    store, stored = TargetStore.open(store_path), TargetStore.open(stored_path)
+    for i, v in zip(order[:50], views[:50]):  # every path gives the same boxes, flips and targets
+        got = [f(int(i), v) for f in paths(store, stored).values()]
+        assert all(np.array_equal(x, y) for g in got[1:] for x, y in zip(got[0], g))
 
-        for f in (time_store, time_files):  # warm-up pass each
-            f()
-        res = {"store": [], "store_batched": [], "files": []}
-        for _ in range(3):  # interleaved, best of 3
-            res["store"].append(time_store())
-            res["store_batched"].append(time_store_batched())
-            res["files"].append(time_files())
-        best = {k: max(v) for k, v in res.items()}
-        size_store = store.nbytes()
-        size_files = sum(f.stat().st_size for f in files.iterdir())
-        print(f"N={N} images, R={R} views, K={K} views read per image, top-{TOPK} of C={C}; warm page cache, 1 thread")
-        print(f"| layout | images/s | ratio | size on disk | write time |")
-        print(f"|---|---|---|---|---|")
-        print(f"| store, one read() per image | {best['store']:,.0f} | {best['store'] / best['files']:.1f}x "
-              f"| {size_store / 1e6:.1f} MB in {len(list(store_path.iterdir()))} files | {t_ws:.1f} s |")
-        print(f"| store, 256 images per read() | {best['store_batched']:,.0f} | {best['store_batched'] / best['files']:.1f}x | | |")
-        print(f"| published: torch.load per image | {best['files']:,.0f} | 1.0x "
-              f"| {size_files / 1e6:.1f} MB in {N} files | {t_wf:.1f} s |")
-        print(f"ratio store / published (one image per call): {best['store'] / best['files']:.1f}x")
+    def timed(f) -> float:
+        t0 = time.perf_counter()
+        for i, v in zip(order, views):
+            f(int(i), v)
+        return a.reads / (time.perf_counter() - t0)
+
+    warm = {k: [] for k in paths(store, stored)}
+    for f in paths(store, stored).values():
+        timed(f)  # warm-up
+    for _ in range(3):
+        for name, f in paths(store, stored).items():
+            warm[name].append(timed(f))
+    cold = {k: [] for k in warm}
+    for _ in range(2):
+        for name in cold:
+            opened = reopen()
+            for f in (store_path, stored_path):
+                evict(f)  # what open() read; no page of a store is mapped yet
+            cold[name].append(timed(paths(*opened)[name]))
+    mb = {p: f"{sum(f.stat().st_size for f in p.iterdir()) / 1e6:.1f} MB" for p in (store_path, stored_path, files)}
+    print(f"N={N} images, R={R} views, K={K} random views read per random image, top-{TOPK} of C={C}, 1 thread; "
+          f"store {mb[store_path]} (float32 geometry: {mb[stored_path]}), published layout {mb[files]} in {N} files")
+    print("| read path | warm: images/s | warm: store is | cold: images/s | cold: store is |")
+    print("|---|---:|---:|---:|---:|")
+    for name in warm:
+        w, c = max(warm[name]), max(cold[name])
+        print(f"| {name} | {w:,.0f} | {max(warm['store']) / w:.1f}x | {c:,.0f} | {max(cold['store']) / c:.1f}x |")
+    shutil.rmtree(a.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class ImageViews(NamedTuple):
     views: torch.Tensor | None  # uint8 (R, 3, S, S)
     params: np.ndarray | None  # float32 (R, P)
     error: str | None
+    size: tuple[int, int] | None = None  # (height, width) of the image
 
 
 class GroupViews(Dataset):
@@ -50,7 +51,7 @@ class GroupViews(Dataset):
                 continue
             _, h, w = img.shape
             params = sample_views(self.cfg, self.seed, i, range(self.views), h, w)
-            out.append(ImageViews(i, render_views(img, params, self.cfg), params, None))
+            out.append(ImageViews(i, render_views(img, params, self.cfg), params, None, (h, w)))
         return out
 
 
@@ -112,7 +113,7 @@ def generate(teacher: TeacherTargets, base: IndexedDataset, writer: StoreWriter,
                     outs.append(teacher(views[c:c + batch_size]).float().cpu())
             targets = torch.cat(outs).numpy().reshape(len(good), R, -1)
             params = np.stack([it.params for it in good]).astype(np.float32)
-            writer.write(np.array([it.image for it in good]), params, targets)
+            writer.write(np.array([it.image for it in good]), params, targets, sizes=[it.size for it in good])
             n_img += len(good)
             n_views += len(views)
         pbar.update(len(items))

@@ -1,10 +1,12 @@
 """Behaviour preserved across refactors: fixed-seed tiny runs of the pipeline's commands give the
-same stores (record bytes), loss curves and weights as the code did when the references were
-recorded (commit 7438c11, before the commands moved into ``fkd_ssl/commands/``).
+same stores, loss curves and weights as the code did when the references were recorded (commit
+7438c11, before the commands moved into ``fkd_ssl/commands/``; the stores' references since issue 14's
+compact records: checksums of the view parameters and decoded targets they give back, recorded with
+the float32-geometry format just before it changed).
 
 Floats are compared with a relative tolerance of 1e-4 so the references survive another CPU's
 vector instructions; any change of what is computed (another view, order, loss or schedule) moves
-them by far more.  The store's record files are compared byte for byte.
+them by far more.  The stores' parameters and decoded targets are compared bit for bit.
 """
 
 from __future__ import annotations
@@ -30,14 +32,10 @@ REFERENCE: dict = {'classifier': {'loss': [2.3496984004974366, 2.1912841796875],
                  'weights': [8430.459052386788, 128.2177422274057, 129.6104516758114]},
  'relabel': {'loss': [2.3386818408966064, 2.3234830856323243],
              'weights': [8436.153401803436, 127.79605319508137, 130.59213807346427]},
- 'soft_store': {'shard-00000.done.npy': '1161fa8b1aeb62a1b077ea4d2e65a5a712582fcb53b1ffd83680993b694a2826',
-                'shard-00000.records.npy': '4469b1a9fa04b0a45974512ac158cb2d352444279dfe2b2a4b81a3cf398f798e'},
- 'store': {'shard-00000.done.npy': '250a5c77a9d4de05b382229106b9e886a7c4abc353e537dbab87e54a89579b16',
-           'shard-00000.records.npy': 'cc523b05fcb788c0641efe6ca2b95c1d8b23fad514952089f62b2a416d3af6ad',
-           'shard-00001.done.npy': '250a5c77a9d4de05b382229106b9e886a7c4abc353e537dbab87e54a89579b16',
-           'shard-00001.records.npy': 'e6b50a19af6f9454b8f312ee24ec701aca3bd98ff9b3b8261013ea4f88d8b7ab',
-           'shard-00002.done.npy': '5c7bf355675cf7744b25e9578a0b476d68d2d2f6735e8c9dd891f4a9d1badf43',
-           'shard-00002.records.npy': 'a477b40a6b7676371490c3d7b49578c496d11137a4d31e30a917f15a7eb3219f'},
+ 'soft_store': {'params': '7b26c690c7edbc830fe0e0355fa5ab848326d845884d00d78797511ad40db93e',
+                'targets': 'd66310d2b7d8ab8250988b1477f33c8547ba3ae56b596292a3553e5116573146'},
+ 'store': {'params': '5e855ae0866e2251b20e14f20e764a7ddcb9af147e8f87d882dab991a6ee5e62',
+           'targets': 'a7d68029471b1bb1e761244a2f6d8bf4480c312f8aba9f2d36d1f9633634cbb6'},
  'teacher': {'loss': [2.3409794330596925, 2.946074056625366],
              'weights': [12498.286588275, -17.539901465621742, 133.8632659478549]}}
 
@@ -57,8 +55,15 @@ def _weights(run: Path) -> list[float]:
 
 
 def _records_sha(store: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.glob("shard-*.npy"))}
+    """sha256 of every view's parameters and decoded target (float32), as the students read them:
+    the store's bytes may change with its format, what it gives back may not."""
+    from fkd_ssl.store import TargetStore
+
+    s = TargetStore.open(store)
+    i = np.repeat(s.valid_indices(), s.views_per_image)
+    params, targets = s.read(i, np.tile(np.arange(s.views_per_image), len(s.valid_indices())))
+    return {k: hashlib.sha256(np.ascontiguousarray(a, "<f4").tobytes()).hexdigest()
+            for k, a in (("params", params), ("targets", targets))}
 
 
 def _run(script: str, *args: str) -> None:

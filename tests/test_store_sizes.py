@@ -16,6 +16,7 @@ import pytest
 from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec
 from fkd_ssl.store import layout as L
 from fkd_ssl.store import sizes as S
+from fkd_ssl.store.geometry import Geometry, ReplayGeometry
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "store_sizes.py"
@@ -33,19 +34,28 @@ def _targets(rng: np.random.Generator, b: int, dim: int, probs: bool) -> np.ndar
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def _write(path: Path, codec, dim: int, P: int) -> TargetStore:
+def _geometry(P):
+    """float32 geometry of P parameters, or gen_targets.py's (``replay``) when P is None."""
+    return Geometry(P) if P else ReplayGeometry(14, {"photometric": False}, 3)
+
+
+def _write(path: Path, codec, dim: int, P: int | None) -> TargetStore:
+    from fkd_ssl.views import ViewConfig, sample_views
+
     rng = np.random.default_rng(0)
     probs = codec.name == "topk"
     if codec.name == "pq":
         codec.fit(_targets(rng, 100, dim, False).reshape(-1, dim))
     w = StoreWriter.create_or_resume(path, {"teacher": "toy", "dataset": "sizes"}, num_images=N, views_per_image=R,
-                                     param_dim=P, target_dim=dim, codec=codec, shard_size=SHARD,
-                                     provenance={"command": "test", "git_sha": "test"})
+                                     param_dim=P or 14, target_dim=dim, codec=codec, shard_size=SHARD,
+                                     provenance={"command": "test", "git_sha": "test"}, geometry=_geometry(P))
     todo = [i for i in w.missing_images().tolist() if i != SKIP]
     w.skip(SKIP, "/data/broken.jpg", "cannot identify image file")
     for k in range(0, len(todo), 4):
         idx = np.asarray(todo[k:k + 4], dtype=np.int64)
-        w.write(idx, rng.random((len(idx), R, P), dtype=np.float32), _targets(rng, len(idx), dim, probs))
+        params = (rng.random((len(idx), R, P), dtype=np.float32) if P else
+                  np.stack([sample_views(ViewConfig(photometric=False), 3, i, range(R), 30, 40) for i in idx]))
+        w.write(idx, params, _targets(rng, len(idx), dim, probs), sizes=[(30, 40)] * len(idx))
     w.complete_owned()
     w.close()
     finalize(path)
@@ -57,6 +67,8 @@ CASES = [
     ("fp16", {}, 16, 14),
     ("int8", {}, 16, 14),
     ("topk", {"k": 5, "num_classes": 50}, 50, 14),
+    ("topk", {"k": 5, "num_classes": 50}, 50, None),
+    ("fp16", {}, 16, None),
     ("topk", {"k": 10, "num_classes": 50}, 50, 5),
     ("pq", {"M": 4}, 16, 14),
 ]
@@ -69,22 +81,23 @@ def test_formula_matches_a_written_store(tmp_path, name, config, dim, P):
     codec = make_codec(name, **config)
     store = _write(tmp_path / "store", codec, dim, P)
 
-    rb = S.record_bytes(make_codec(name, **config), dim, P)
-    assert rb == store.dtype.itemsize == 4 * P + codec.bytes_per_view(dim)
+    rb = S.record_bytes(make_codec(name, **config), dim, _geometry(P))
+    assert rb == store.stored_dtype.itemsize == 4 * (P or 0) + codec.bytes_per_view(dim)
 
     records = sorted(tmp_path.glob("store/shard-*.records.npy"))
-    done = sorted(tmp_path.glob("store/shard-*.done.npy"))
-    assert len(records) == len(done) == 3
+    per_image = sorted(tmp_path.glob("store/shard-*.done.npy")) + sorted(tmp_path.glob("store/shard-*.images.npy"))
+    assert len(records) == 3 and len(per_image) == (3 if P else 6)
     # the records' payload, header aside, is exactly N x R x bytes-per-view
-    payload = sum(f.stat().st_size - S.npy_header_bytes(store.dtype, np.load(f, mmap_mode="r").shape) for f in records)
+    payload = sum(f.stat().st_size - S.npy_header_bytes(store.stored_dtype, np.load(f, mmap_mode="r").shape)
+                  for f in records)
     assert payload == N * R * rb
 
     # the whole store, less its small JSON files and codec state, is what the script predicts
     small = [n for n in store.files() if n.endswith(".json") or n.startswith("codec.")]
-    assert {n for n in store.files() if n not in small} == {f.name for f in records + done}
-    predicted = S.store_bytes(N, R, make_codec(name, **config), dim, P, SHARD)
+    assert {n for n in store.files() if n not in small} == {f.name for f in records + per_image}
+    predicted = S.store_bytes(N, R, make_codec(name, **config), dim, _geometry(P), SHARD)
     assert store.nbytes() - sum((store.path / n).stat().st_size for n in small) == predicted
-    assert sum(f.stat().st_size for f in records + done) == predicted
+    assert sum(f.stat().st_size for f in records + per_image) == predicted
 
 
 def test_param_dim_is_what_gen_targets_stores():
@@ -119,7 +132,7 @@ def test_script_runs():
     out = subprocess.run([sys.executable, str(SCRIPT), "--images", "1000", "--views", "10"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "| R=10 |" in out.stdout and "76 = 56 + 20" in out.stdout
+    assert "| R=10 |" in out.stdout and "| topk k=5 (fp16 values) | 20 |" in out.stdout
 
 
 # ----------------------------------------------------------------------------- the recipes' commands

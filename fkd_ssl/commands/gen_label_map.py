@@ -33,7 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=cli.positive_int("--shard-size"), default=4096, help="images per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace label maps made with other settings")
     p.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    p.add_argument("--plan", action="store_true", help="print the maps' size, the free space at --out and an "
+                   "estimated time (the teacher timed on a few images here); write nothing")
     return p
+
+
+def _plan(args, out, model, dataset, device):
+    import numpy as np
+
+    from ..relabel.maps import _WholeImages, label_map_spec, topk_maps
+    from ..store.geometry import Geometry
+    from ..store.plan import StorePlan
+
+    identity, codec = label_map_spec(model, dataset, args.topk, args.input_size, device)
+    whole = _WholeImages(dataset, [np.array([i]) for i in range(len(dataset))], identity.extra["maps"]["input_size"],
+                         model.spec.interpolation)
+    step = lambda i: [topk_maps(model, [x], args.topk, device, False) for _, x, _ in whole[i] if x is not None]  # noqa: E731
+    return StorePlan.of(out, len(dataset), 1, codec, model.spec.num_classes, Geometry(0), args.shard_size,
+                        step if args.plan else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +64,15 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)  # the maps involve no randomness; seeded for form's sake
         model, _ = load_model(args.teacher, arch=args.teacher_arch, device=ctx.device, expect="classifier")
         teacher_name = Path(args.teacher).parent.name if Path(args.teacher).exists() else args.teacher
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("labelmap", args.data, teacher_name))
+        out = Path(args.out or cli.default_run_dir("labelmap", args.data, teacher_name))
+        out = out if args.plan else cli.prepare_out_dir(out)
         with fdist.main_first(ctx):
             dataset = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
+        plan = _plan(args, out, model, dataset, ctx.device)
+        if args.plan:
+            print(plan.render(), flush=True)
+            return 0
+        plan.check()
         provenance = {**default_provenance(), "teacher_ref": args.teacher, "teacher_file": model_identity(args.teacher)}
         if ctx.is_main:
             print("config: " + json.dumps({**vars(args), "out": str(out), "world_size": ctx.world_size,

@@ -15,8 +15,10 @@ from .. import cli
 from .. import dist as fdist
 from ..data import build_dataset, load_uint8
 from ..errors import ConfigError
-from ..generate import generate
+from ..generate import GroupViews, generate
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
+from ..store.geometry import ReplayGeometry
+from ..store.plan import StorePlan
 from ..store.layout import HEADER, num_shards
 from ..teacher import ENSEMBLE_MODES, POOLS, TARGET_KINDS, default_views, load_teachers
 from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
@@ -69,6 +71,8 @@ def build_parser():
     p.add_argument("--split", choices=("train", "val"), default="train")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--plan", action="store_true", help="print the store's size, the free space at --out and an "
+                   "estimated generation time (the teacher timed on a few images here); write nothing")
     return p
 
 
@@ -163,7 +167,8 @@ def _views(args, teacher, train_set) -> ViewConfig:
 def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> StoreWriter:
     """Create or resume the store on rank 0 (fitting a PQ codec first), then open this rank's shards."""
     kw = dict(num_images=len(train_set), views_per_image=args.views_per_image, param_dim=VIEW_PARAM_DIM,
-              target_dim=teacher.dim, shard_size=args.shard_size)
+              target_dim=teacher.dim, shard_size=args.shard_size,
+              geometry=ReplayGeometry(VIEW_PARAM_DIM, views.to_dict(), args.seed))
     with fdist.main_first(ctx):
         if ctx.is_main:
             fresh = not (out / HEADER).exists() or args.overwrite
@@ -175,6 +180,15 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
               flush=True)
     shards = owned_shards(num_shards(len(train_set), args.shard_size), ctx.rank, ctx.world_size)
     return StoreWriter.create_or_resume(out, identity, codec=codec, shards=shards, **kw)
+
+
+def _plan(args, out, teacher, train_set, views, codec, device) -> StorePlan:
+    def step(i):  # one image's views through the teacher, as generate() does
+        it = GroupViews(train_set, [np.array([i])], views, args.seed, args.views_per_image)[0][0]
+        for c in range(0, 0 if it.views is None else len(it.views), args.batch_size):
+            teacher(it.views[c:c + args.batch_size].to(device))
+    return StorePlan.of(out, len(train_set), args.views_per_image, codec, teacher.dim, ReplayGeometry(
+        VIEW_PARAM_DIM, views.to_dict(), args.seed), args.shard_size, step if args.plan else None)
 
 
 def _finish(out, stats, ctx) -> None:
@@ -198,14 +212,21 @@ def run(args) -> int:
                                             kind=args.target, temp=args.temp, device=ctx.device, pool=args.pool,
                                             prefix=args.teacher_prefix)
         names = [Path(t).parent.name if Path(t).exists() else t for t in args.teacher]
-        out = cli.prepare_out_dir(args.out or cli.default_run_dir("store", args.data, "+".join(names)))
+        out = Path(args.out or cli.default_run_dir("store", args.data, "+".join(names)))
+        out = out if args.plan else cli.prepare_out_dir(out)
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
         views = _views(args, teacher, train_set)
         identity = StoreIdentity(teacher=teacher_id, views=views.to_dict(), seed=args.seed, group=args.group,
                                    dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
                                             "num_classes": train_set.num_classes})
-        writer = _open_writer(args, out, identity, _codec(args, teacher), teacher, train_set, views, ctx)
+        codec = _codec(args, teacher)
+        plan = _plan(args, out, teacher, train_set, views, codec, ctx.device)
+        if args.plan:
+            print(plan.render(), flush=True)
+            return 0
+        plan.check()
+        writer = _open_writer(args, out, identity, codec, teacher, train_set, views, ctx)
         stats = generate(teacher, train_set, writer, views, args.seed, args.batch_size, args.workers, ctx.device,
                          args.group, amp=not args.no_amp, show_progress=ctx.is_main)
         writer.complete_owned()

@@ -19,7 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.prog = "python -m fkd_ssl.store"
     sub = p.add_subparsers(dest="cmd", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    sub.add_parser("verify", help="recompute every checksum").add_argument("path")
+    ver = sub.add_parser("verify", help="recompute every checksum (and replay views through the teacher)")
+    ver.add_argument("path")
+    ver.add_argument("--replay", type=cli.positive_int("--replay"), default=0, metavar="N",
+                     help="re-run the store's teacher on N sampled replayed views and compare with the stored targets")
+    cli.add_common_args(ver, ("data", "data_root", "device", "seed"))
+    ver.add_argument("--teacher", default=None, help="the store's teacher (default: a named one, e.g. effnet-lite0)")
+    ver.add_argument("--arch", default=None, help="architecture of a plain state-dict --teacher")
     sub.add_parser("info", help="print the manifest summary").add_argument("path")
 
     imp = sub.add_parser("import-fkd", formatter_class=fmt, help="published FKD soft labels -> a target store",
@@ -99,12 +105,67 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace, store: TargetStore) -> None:
+    """Re-run the teacher on ``--replay`` sampled views: a view agrees when its stored target is as close to
+    the teacher's output now as the codec's own round trip of that output (cosine after removing the mean
+    output of the sample, which a teacher's outputs often share; 0.01 slack)."""
+    import numpy as np
+
+    from ..data import build_dataset, load_uint8
+    from ..dist import resolve_device
+    from ..errors import ConfigError, DataError
+    from ..teacher import load_teacher
+    from ..views import ViewConfig, render_views
+
+    ident = store.identity
+    ref = args.teacher or str(ident.teacher.get("hash", "")).split(":")[0]
+    device = resolve_device(args.device)
+    teacher, tid = load_teacher(ref, args.arch, ident.teacher.get("target"), ident.teacher.get("temp") or 1.0, device)
+    if tid["hash"] != ident.teacher.get("hash"):
+        raise ConfigError(f"--teacher {ref} is not the teacher of store {store.path} ({tid['hash']}, the store's "
+                          f"{ident.teacher.get('hash')})")
+    ds = build_dataset(args.data, (ident.dataset or {}).get("split", "train"), args.data_root)
+    if (ident.dataset or {}).get("fingerprint") != ds.fingerprint():
+        print(f"note: --data {args.data} has fingerprint {ds.fingerprint()}, the store was made from "
+              f"{ident.dataset.get('fingerprint')}: its images changed since")
+    valid, R = store.valid_indices(), store.views_per_image
+    pick = np.sort(np.random.default_rng(args.seed).choice(len(valid) * R, min(args.replay, len(valid) * R), False))
+    cfg, rows = ViewConfig.from_dict(ident.views), []
+    for i in np.unique(valid[pick // R]):
+        slots = pick[valid[pick // R] == i] % R
+        img, err = load_uint8(ds, int(i))
+        if img is None:
+            raise DataError(f"image {i} of --data {args.data} cannot be read: {err}")
+        now = teacher(render_views(img, store.params_batch(i, slots), cfg).to(device)).float().cpu().numpy()
+        rows.append((store.targets(i, slots), store.codec.decode(store.codec.encode(now)), now))
+    stored, trip, now = (np.concatenate(a) for a in zip(*rows))
+    mean = now.mean(0) if len(now) > 1 else 0
+    cos, base = _cos(stored - mean, now - mean), _cos(trip - mean, now - mean)
+    bad = int((cos < base - 0.01).sum())
+    probs = (f", top-1 agreement {100 * np.mean(stored.argmax(1) == now.argmax(1)):.1f}%"
+             if ident.teacher.get("target") == "probs" else "")
+    print(f"replay: {len(pick)} views of {len(np.unique(valid[pick // R]))} images; (centred) cosine stored vs teacher "
+          f"now mean {cos.mean():.5f} min {cos.min():.5f} (the codec's own round trip: mean {base.mean():.5f}){probs}; "
+          f"{bad} views disagree")
+    if bad:
+        raise DataError(f"store {store.path}: {bad} of {len(pick)} replayed views disagree with the teacher (the "
+                        f"images, the teacher or the libraries changed since the store was made); regenerate it")
+
+
+def _cos(a, b):
+    import numpy as np
+
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def _verify_or_info(args: argparse.Namespace) -> int:
     store = TargetStore.open(args.path)
     if args.cmd == "verify":
         store.verify()
         print(f"OK {args.path} ({store.num_images} images x {store.views_per_image} views, codec {store.codec.name}, "
               f"{store.nbytes() / 1e6:.1f} MB, {len(store.skipped)} skipped)")
+        if args.replay:
+            _replay(args, store)
     else:
         m = {k: v for k, v in store.manifest.items() if k not in ("shards", "skipped")}
         print(json.dumps({**m, "nbytes": store.nbytes()}, indent=1, sort_keys=True))

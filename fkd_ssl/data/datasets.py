@@ -6,7 +6,9 @@ The spec forms and fingerprints are described in the README; nothing is download
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,35 @@ from .synthetic import SyntheticConfig, ensure_synthetic
 
 SPLITS = ("train", "val")
 DEFAULT_DATA_ROOT = os.environ.get("FKD_SSL_DATA_ROOT", "~/.cache/fkd_ssl")
+_RACY_S = 2.0  # a file modified this recently is hashed again next time (its mtime may not show a rewrite yet)
+
+
+def file_digests(root: Path, rels: list[str], stats: list[os.stat_result], cache_dir: Path) -> list[str]:
+    """sha256 (32 hex) of each file ``root/rel``'s bytes, cached by (path, size, mtime_ns) in
+    ``cache_dir/file-hashes/<sha of root>.json``: a second call costs the stats it is given."""
+    from ..fileio import file_sha256, write_json_atomic
+    from ..progress import bar
+
+    cache = cache_dir.expanduser() / "file-hashes" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    try:
+        old = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        old = {}
+    key = [[st.st_size, st.st_mtime_ns] for st in stats]
+    todo = [k for k, rel in enumerate(rels) if old.get(rel, [None, None])[:2] != key[k]]
+    new = {rel: old[rel] for k, rel in enumerate(rels) if rel in old and old[rel][:2] == key[k]}
+    with bar(len(todo), f"hashing {root}", "file", enabled=len(todo) > 2000) as pbar:
+        for k in todo:
+            new[rels[k]] = key[k] + [file_sha256(root / rels[k])[:32]]
+            pbar.update()
+    if todo:
+        now = time.time_ns()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache, {r: v for r, v in new.items() if now - v[1] > _RACY_S * 1e9})
+        except OSError:
+            pass  # an unwritable cache only costs hashing again
+    return [new[rel][2] for rel in rels]
 
 
 class IndexedDataset:
@@ -72,9 +103,9 @@ class ImageFolderDataset(IndexedDataset):
     """``root/<class>/<image>`` in sorted order (ImageNet layout); non-image files are ignored and counted."""
 
     def __init__(self, root: str | os.PathLike, split: str, name: str = "imagefolder",
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, cache_dir: str | os.PathLike = DEFAULT_DATA_ROOT):
         super().__init__(transform)
-        self.root = Path(root)
+        self.root, self.cache_dir = Path(root), Path(cache_dir)
         self.name, self.split = name, split
         if not self.root.is_dir():
             raise DataError(f"dataset folder {self.root} does not exist (expected {self.root}/<class>/<image files>)")
@@ -83,7 +114,7 @@ class ImageFolderDataset(IndexedDataset):
             raise DataError(f"dataset folder {self.root} has no class folders (expected {self.root}/<class>/<image files>)")
         self.classes = class_dirs
         self.samples: list[tuple[str, int]] = []
-        self.sizes: list[int] = []
+        self.stats: list[os.stat_result] = []
         self.ignored_files = 0
         for label, c in enumerate(class_dirs):
             n_before = len(self.samples)
@@ -93,7 +124,7 @@ class ImageFolderDataset(IndexedDataset):
                     if fn.lower().endswith(IMAGE_EXTENSIONS):
                         full = os.path.join(dirpath, fn)
                         self.samples.append((os.path.relpath(full, self.root), label))
-                        self.sizes.append(os.path.getsize(full))
+                        self.stats.append(os.stat(full))
                     else:
                         self.ignored_files += 1
             if len(self.samples) == n_before:
@@ -110,8 +141,10 @@ class ImageFolderDataset(IndexedDataset):
         return load_rgb(self.path(index))
 
     def _identity(self) -> str:
-        lines = [f"{rel}\t{size}" for (rel, _), size in zip(self.samples, self.sizes)]
-        return "imagefolder\n" + "\n".join(lines)
+        rels = [rel for rel, _ in self.samples]
+        digests = file_digests(self.root, rels, self.stats, self.cache_dir)
+        return "imagefolder-content\n" + "\n".join(f"{rel}\t{st.st_size}\t{d}" for rel, st, d in
+                                                    zip(rels, self.stats, digests))
 
 
 class ArrayDataset(IndexedDataset):
@@ -215,14 +248,14 @@ def build_dataset(spec: str | DataSpec, split: str = "train", root: str | os.Pat
     s = parse_spec(spec) if isinstance(spec, str) else spec
     if s.kind == "synthetic":
         folder = ensure_synthetic(Path(root or DEFAULT_DATA_ROOT), SyntheticConfig(**s.options), verbose=verbose)
-        ds: IndexedDataset = ImageFolderDataset(folder / split, split, name=str(s))
+        ds: IndexedDataset = ImageFolderDataset(folder / split, split, name=str(s), cache_dir=root or DEFAULT_DATA_ROOT)
     elif s.kind == "imagefolder":
         base = Path(s.path).expanduser()
         if not base.is_dir():
             raise DataError(f"--data {s}: folder {base} does not exist (expected {base}/train/<class>/... and {base}/val/<class>/...)")
         if not (base / split).is_dir():
             raise DataError(f"--data {s}: split folder {base / split} is missing (expected {base}/{split}/<class>/<images>)")
-        ds = ImageFolderDataset(base / split, split, name=str(s))
+        ds = ImageFolderDataset(base / split, split, name=str(s), cache_dir=root or DEFAULT_DATA_ROOT)
     else:
         ds = _torchvision_dataset(s.kind, Path(s.path).expanduser(), split)
         ds.name = str(s)

@@ -16,21 +16,23 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .geometry import PARAMS, Geometry
 from ..fileio import atomic_path, file_sha256, read_json, write_bytes_atomic, write_json_atomic  # noqa: F401
 
 FORMAT = "fkd_ssl.target_store"
-VERSION = 1
+VERSION = 2  # 2: the view geometry has a form (geometry.py); version 1 stores (float32 geometry) still read
+READABLE = (1, 2)
 
 HEADER = "header.json"
 MANIFEST = "manifest.json"
 LOG = "log.jsonl"
-PARAMS_FIELD = "params"
+PARAMS_FIELD = PARAMS
 DONE_NOT, DONE_WRITTEN, DONE_SKIPPED = 0, 1, 2
 
 # every name a store writes (overwrite=True deletes exactly these, nothing else)
 _STORE_FILE = re.compile(
     r"^(header\.json|manifest\.json|log\.jsonl|codec\.[A-Za-z0-9_-]+\.npy"
-    r"|shard-\d{5,}\.(records\.npy|done\.npy|skipped\.json|sha256\.json))(\.tmp[.\w-]*)?$"
+    r"|shard-\d{5,}\.(records\.npy|done\.npy|images\.npy|skipped\.json|sha256\.json))(\.tmp[.\w-]*)?$"
 )
 
 
@@ -44,6 +46,10 @@ def records_file(s: int) -> str:
 
 def done_file(s: int) -> str:
     return f"{shard_name(s)}.done.npy"
+
+
+def images_file(s: int) -> str:
+    return f"{shard_name(s)}.images.npy"
 
 
 def skipped_file(s: int) -> str:
@@ -72,6 +78,15 @@ def record_dtype(param_dim: int, fields: dict[str, tuple[str, tuple[int, ...]]])
     if PARAMS_FIELD in fields:
         raise ConfigError(f"codec field name {PARAMS_FIELD!r} is reserved for the geometry")
     return np.dtype([(PARAMS_FIELD, "<f4", (param_dim,))] + [(k, dt, shape) for k, (dt, shape) in fields.items()])
+
+
+def stored_dtype(geometry: Geometry, fields: dict[str, tuple[str, tuple[int, ...]]]) -> np.dtype:
+    """One view's record as stored: the geometry's fields (none for ``replay``) then the codec's."""
+    record_dtype(geometry.param_dim, fields)  # the reserved name
+    both = {**geometry.fields(), **fields}
+    if len(both) < len(geometry.fields()) + len(fields):
+        raise ConfigError(f"codec field names {sorted(fields)} collide with the geometry's {sorted(geometry.fields())}")
+    return np.dtype([(k, dt, shape) for k, (dt, shape) in both.items()])
 
 
 def dtype_to_json(dt: np.dtype) -> list:

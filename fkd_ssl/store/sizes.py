@@ -10,6 +10,7 @@ import numpy as np
 
 from . import layout as L
 from .codecs import Codec, make_codec
+from .geometry import IMAGE_DTYPE, Geometry, ReplayGeometry
 
 IMAGENET_TRAIN = 1_281_167
 VIEWS = (40, 100, 200, 400, 500)
@@ -29,13 +30,14 @@ def gen_targets_param_dim() -> int:
     return int(VIEW_PARAM_DIM)
 
 
-def _p(param_dim: int | None) -> int:
-    return gen_targets_param_dim() if param_dim is None else param_dim
+def gen_targets_geometry() -> Geometry:
+    """How gen_targets.py keeps view parameters: recomputed (``replay``: nothing per view, 12 bytes per image)."""
+    return ReplayGeometry(gen_targets_param_dim(), {}, 0)
 
 
-def record_bytes(codec: Codec, dim: int, param_dim: int | None = None) -> int:
-    """Bytes of one stored view: ``param_dim`` float32 parameters + the codec's encoded target."""
-    return int(L.record_dtype(_p(param_dim), codec.fields(dim)).itemsize)
+def record_bytes(codec: Codec, dim: int, geometry: Geometry | None = None) -> int:
+    """Bytes of one stored view: the geometry's fields (none for ``replay``) + the codec's encoded target."""
+    return int(L.stored_dtype(geometry or gen_targets_geometry(), codec.fields(dim)).itemsize)
 
 
 def npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
@@ -50,15 +52,18 @@ def npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
     return len(buf.getvalue())
 
 
-def store_bytes(num_images: int, views: int, codec: Codec, dim: int, param_dim: int | None = None,
+def store_bytes(num_images: int, views: int, codec: Codec, dim: int, geometry: Geometry | None = None,
                 shard_size: int = SHARD_SIZE) -> int:
-    """Exact bytes of a store's record and done-mask files (every shard, headers included)."""
-    dt = L.record_dtype(_p(param_dim), codec.fields(dim))
+    """Exact bytes of a store's record, done-mask and per-image files (every shard, headers included)."""
+    geometry = geometry or gen_targets_geometry()
+    dt, per_image = L.stored_dtype(geometry, codec.fields(dim)), [np.dtype(np.uint8)] + [geometry.image_dtype] * (
+        geometry.image_dtype is not None)
     total = 0
     for s in range(L.num_shards(num_images, shard_size)):
         start, stop = L.shard_range(s, num_images, shard_size)
         n = stop - start
-        total += npy_header_bytes(dt, (n, views)) + n * views * dt.itemsize + npy_header_bytes(np.dtype(np.uint8), (n,)) + n
+        total += npy_header_bytes(dt, (n, views)) + n * views * dt.itemsize
+        total += sum(npy_header_bytes(d, (n,)) + n * d.itemsize for d in per_image)
     return total
 
 
@@ -79,29 +84,27 @@ def _codec_label(name: str, config: dict) -> str:
 
 def render(num_images: int = IMAGENET_TRAIN, views: tuple[int, ...] = VIEWS, shard_size: int = SHARD_SIZE) -> str:
     """The markdown table of store sizes (GB = 1e9 bytes) and the published-layout comparison."""
-    P = gen_targets_param_dim()
-    head = ["teacher target", "gen_targets.py flags", "codec", f"bytes/view ({4 * P} params + target)"]
+    P, per_image = gen_targets_param_dim(), 1 + IMAGE_DTYPE.itemsize
+    head = ["teacher target", "gen_targets.py flags", "codec", f"bytes/view (+ {per_image} per image)"]
     lines = ["| " + " | ".join(head + [f"R={r}" for r in views]) + " |", "|" + "---|" * 3 + "---:|" * (1 + len(views))]
     for target, flags, name, dim, config in SETTINGS:
         c = make_codec(name, **config)
-        row = [target, f"`{flags}`", _codec_label(name, config), f"{record_bytes(c, dim, P)} = {4 * P} + "
-               f"{c.bytes_per_view(dim)}"] + [f"{store_bytes(num_images, r, c, dim, P, shard_size) / GB:,.1f} GB" for r in views]
+        row = [target, f"`{flags}`", _codec_label(name, config), str(record_bytes(c, dim))] + \
+            [f"{store_bytes(num_images, r, c, dim, shard_size=shard_size) / GB:,.1f} GB" for r in views]
         lines.append("| " + " | ".join(row) + " |")
     top5, R, pub_kb = make_codec("topk", k=5, num_classes=1000), PUBLISHED_VIEWS, PUBLISHED_KB_PER_IMAGE
-    ours, geo5 = (store_bytes(num_images, R, top5, 1000, p, shard_size) for p in (P, 5))
+    ours, v1 = (store_bytes(num_images, R, top5, 1000, g, shard_size) for g in (None, Geometry(P)))
     pub = pub_kb * 1e3 * num_images
-    lines += [
+    return "\n".join(lines + [
         "",
-        f"Sizes are for N = {num_images:,} images, {shard_size} images per shard, GB = 1e9 bytes: the "
-        f"exact bytes of the record and done-mask files; JSON and pq codebooks are extra (under 3 MB).",
+        f"Sizes are for N = {num_images:,} images, {shard_size} images per shard, GB = 1e9 bytes: the exact "
+        f"bytes of the record, done-mask and per-image files ({per_image} bytes per image: done flag, height, "
+        f"width, check value); JSON and pq codebooks are extra (under 3 MB).",
         "",
         f"Compared with the published FKD soft labels (top-5, R = {R}): this store holds "
-        f"{record_bytes(top5, 1000, P)} bytes per view ({ours / num_images / 1e3:.1f} KB per image, "
-        f"{ours / GB:,.1f} GB); the published one-file-per-image layout is reported at about "
-        f"{pub_kb} KB per image ({pub / GB:,.1f} GB), about {pub_kb * 1e3 / R:.0f} bytes per view. Most of the "
-        f"difference is the view parameters: gen_targets.py stores all {P} float32 parameters even for "
-        f"geometry-only views. With 5 (crop box + flip) a record would be {record_bytes(top5, 1000, 5)} bytes "
-        f"({geo5 / num_images / 1e3:.1f} KB per image, {geo5 / GB:,.1f} GB); the rest is that the "
-        f"geometry stays float32 here (docs/store.md says why).",
-    ]
-    return "\n".join(lines) + "\n"
+        f"{ours / (num_images * R):.2f} bytes per view all included ({ours / num_images / 1e3:.1f} KB per image, "
+        f"{ours / GB:,.1f} GB); the published one-file-per-image layout is reported at about {pub_kb} KB per image "
+        f"({pub / GB:,.1f} GB), about {pub_kb * 1e3 / R:.0f} bytes per view. The view parameters are recomputed "
+        f"from (seed, image, slot, image size), not stored; format version 1 stored {P} float32 per view "
+        f"({record_bytes(top5, 1000, Geometry(P))} bytes per view, {v1 / GB:,.1f} GB).",
+    ]) + "\n"

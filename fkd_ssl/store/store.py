@@ -15,6 +15,7 @@ from ..errors import ConfigError, DataError
 from . import layout as L
 from .codec_files import load_codec, referenced_files
 from .codecs import Codec
+from .geometry import from_spec
 from .identity import StoreIdentity
 
 
@@ -37,8 +38,10 @@ class TargetStore:
         self._skip_mask = np.zeros(self.num_images, dtype=bool)
         self._skip_mask[list(self.skipped)] = True
         self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
+        self.geometry = from_spec(manifest.get("geometry"), self.param_dim)
+        self.stored_dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._fields = [n for n in self.dtype.names if n != L.PARAMS_FIELD]
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[tuple[int, bool], np.memmap] = {}
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------ opening / checking
@@ -63,8 +66,9 @@ class TargetStore:
         m = L.read_json(mpath)
         if not isinstance(m, dict) or m.get("format") != L.FORMAT:
             raise DataError(f"{mpath} is not a target store manifest")
-        if m.get("version") != L.VERSION:
-            raise DataError(f"{mpath} has store format version {m.get('version')} (this fkd_ssl reads {L.VERSION})")
+        if m.get("version") not in L.READABLE:
+            raise DataError(f"{mpath} has store format version {m.get('version')} (this fkd_ssl reads "
+                            f"{', '.join(map(str, L.READABLE))}): open it with the fkd_ssl that wrote it, or regenerate it")
         if not m.get("complete") or len(m.get("shards", [])) != m.get("num_shards"):
             raise DataError(f"{mpath} describes an incomplete store")
         for entry in m["shards"]:
@@ -81,13 +85,30 @@ class TargetStore:
                     raise DataError(f"store file {f} is truncated or altered ({size} bytes, manifest says {meta['bytes']})")
         codec = load_codec(path, m["codec"])
         store = cls(path, m, codec)
-        if L.dtype_to_json(store.dtype) != m.get("record_dtype"):
+        if L.dtype_to_json(store.stored_dtype) != m.get("record_dtype"):
             raise DataError(f"{mpath}: record layout {m.get('record_dtype')} does not match codec {codec.name}")
         if expect_identity is not None:
             store.check_identity(expect_identity)
         if verify:
             store.verify()
+        else:  # a few images spread over the store: the parameters recomputed here are the teacher's
+            valid = store.valid_indices()
+            store.check_replay(valid[np.linspace(0, len(valid) - 1, min(4, len(valid))).astype(np.int64)])
         return store
+
+    def check_replay(self, idx: ArrayLike | None = None) -> None:
+        """DataError unless the view parameters recomputed here for images ``idx`` (default: all valid)
+        match the check values the writer stored (a ``replay`` store; others pass)."""
+        if self.geometry.kind != "replay":
+            return
+        idx = self.valid_indices() if idx is None else np.asarray(idx, dtype=np.int64)
+        bad = self.geometry.mismatched(idx, self.images(idx), self.views_per_image)
+        if bad:
+            prov = self.manifest.get("provenance") or {}
+            raise DataError(f"store {self.path}: the views recomputed here differ from those its teacher saw (image "
+                            f"{bad[0]}; {len(bad)} of {len(idx)} checked): it was written with numpy "
+                            f"{prov.get('numpy', '?')} and fkd_ssl {prov.get('git_sha', '?')}, this is numpy "
+                            f"{np.__version__}; replay it with those, or regenerate the store")
 
     def check_identity(self, expected: dict) -> None:
         """ConfigError naming every key of ``expected`` whose value differs from the store's
@@ -128,6 +149,7 @@ class TargetStore:
             if (done == L.DONE_NOT).any():
                 raise DataError(f"store file {self.path / L.done_file(entry['shard'])} marks images as not written")
         load_codec(self.path, self.manifest["codec"])  # codec state files against their checksums
+        self.check_replay()
 
     def digest(self) -> str:
         """16 hex digits of the store's identity and shard checksums: a regenerated store is another one
@@ -148,19 +170,29 @@ class TargetStore:
         """int64 (N - skipped,): image indices that have targets (ascending)."""
         return np.nonzero(~self._skip_mask)[0].astype(np.int64)
 
-    def _map(self, s: int) -> np.memmap:
+    def _map(self, s: int, images: bool = False) -> np.memmap:
+        """The records (n, R) of shard ``s``, or its per-image rows (n,)."""
         if os.getpid() != self._pid:  # a forked child: never reuse the parent's maps
             self._maps = {}
             self._pid = os.getpid()
-        mm = self._maps.get(s)
+        mm = self._maps.get((s, images))
         if mm is None:
             start, stop = L.shard_range(s, self.num_images, self.shard_size)
-            mm = L.open_npy(self.path / L.records_file(s), "r", self.dtype, (stop - start, self.views_per_image))
-            self._maps[s] = mm
+            mm = (L.open_npy(self.path / L.images_file(s), "r", self.geometry.image_dtype, (stop - start,)) if images
+                  else L.open_npy(self.path / L.records_file(s), "r", self.stored_dtype, (stop - start, self.views_per_image)))
+            self._maps[(s, images)] = mm
         return mm
 
+    def images(self, idx: np.ndarray) -> np.ndarray:
+        """Per-image rows (height, width, check) of images ``idx`` of a ``replay`` store."""
+        out, shard = np.empty(len(idx), self.geometry.image_dtype), idx // self.shard_size
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self._map(int(s), True)[idx[sel] - int(s) * self.shard_size]
+        return out
+
     def records(self, idx_i: ArrayLike, idx_r: ArrayLike) -> np.ndarray:
-        """Raw records (structured dtype, (B,)) of views ``(idx_i[b], idx_r[b])``; the two
+        """Records (``dtype``: ``params`` float32 (P,) then the codec's fields, (B,)) of views ``(idx_i[b], idx_r[b])``; the two
         index arrays broadcast against each other (e.g. one image, several views)."""
         i, r = np.broadcast_arrays(np.asarray(idx_i, dtype=np.int64), np.asarray(idx_r, dtype=np.int64))
         i, r = i.reshape(-1), r.reshape(-1)
@@ -176,11 +208,18 @@ class TargetStore:
         shard = i // self.shard_size
         s0 = int(shard[0])
         if (shard == s0).all():
-            return self._map(s0)[i - s0 * self.shard_size, r]
+            raw = self._map(s0)[i - s0 * self.shard_size, r]
+        else:
+            raw = np.empty(i.shape, dtype=self.stored_dtype)
+            for s in np.unique(shard):
+                sel = shard == s
+                raw[sel] = self._map(int(s))[i[sel] - int(s) * self.shard_size, r[sel]]
+        if self.geometry.kind == "float32":
+            return raw
         out = np.empty(i.shape, dtype=self.dtype)
-        for s in np.unique(shard):
-            sel = shard == s
-            out[sel] = self._map(int(s))[i[sel] - int(s) * self.shard_size, r[sel]]
+        for f in self._fields:
+            out[f] = raw[f]
+        out[L.PARAMS_FIELD] = self.geometry.decode(raw, i, r, self.images(i) if self.geometry.image_dtype else None)
         return out
 
     def params(self, i: int, r: int) -> np.ndarray:

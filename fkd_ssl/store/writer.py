@@ -20,6 +20,7 @@ from ..errors import ConfigError, DataError
 from . import layout as L
 from .codec_files import load_codec, referenced_files, save_codec_state
 from .codecs import Codec
+from .geometry import Geometry, default_geometry, from_spec
 from .identity import StoreIdentity
 
 
@@ -38,7 +39,7 @@ def default_provenance() -> dict:
         sha = git_sha()
     except Exception:  # provenance is informative only
         sha = "unknown"
-    return {"command": shlex.join(sys.argv), "git_sha": sha}
+    return {"command": shlex.join(sys.argv), "git_sha": sha, "numpy": np.__version__}
 
 
 def _log(path: Path, event: str, **extra) -> None:
@@ -56,14 +57,14 @@ def _log(path: Path, event: str, **extra) -> None:
 
 # header keys that must match on resume (provenance and derived values are not compared)
 _COMPARED = ("format", "version", "identity", "num_images", "views_per_image", "param_dim", "target_dim",
-             "shard_size", "codec")
+             "shard_size", "geometry", "codec")
 
 
 class _Shard:
-    """The open files of one shard in a writer: records (n, R) and done (n,) memmaps."""
+    """The open files of one shard in a writer: records (n, R), done (n,) and images (n,) memmaps."""
 
-    def __init__(self, records: np.memmap, done: np.memmap, skipped: dict[int, dict]):
-        self.records, self.done, self.skipped = records, done, skipped
+    def __init__(self, records: np.memmap, done: np.memmap, images: np.memmap | None, skipped: dict[int, dict]):
+        self.records, self.done, self.images, self.skipped = records, done, images, skipped
 
 
 class StoreWriter:
@@ -83,7 +84,8 @@ class StoreWriter:
         self.shards = shards
         self._owned = set(shards)
         self.sync = sync
-        self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
+        self.geometry = from_spec(header.get("geometry"), self.param_dim)
+        self.dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
 
     # ------------------------------------------------------------------ creation / resume
@@ -92,10 +94,12 @@ class StoreWriter:
     def create_or_resume(cls, path: str | os.PathLike, identity: StoreIdentity | dict, *, num_images: int, views_per_image: int,
                          param_dim: int, target_dim: int, codec: Codec, shard_size: int = 4096,
                          overwrite: bool = False, shards: Iterable[int] | None = None,
-                         provenance: dict | None = None, sync: bool = True) -> "StoreWriter":
-        """Create the store at ``path`` or resume the one there (same identity, sizes and codec, else
+                         provenance: dict | None = None, sync: bool = True,
+                         geometry: Geometry | None = None) -> "StoreWriter":
+        """Create the store at ``path`` or resume the one there (same identity, sizes, geometry and codec, else
         ConfigError naming the differing keys; ``overwrite=True`` replaces it).  A trained codec may be
-        passed unfitted when resuming.  ``shards``: those this process writes (default all).
+        passed unfitted when resuming.  ``shards``: those this process writes (default all).  ``geometry``:
+        how view parameters are kept (default :func:`~.geometry.default_geometry`).
         """
         path = Path(path)
         for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
@@ -107,11 +111,13 @@ class StoreWriter:
             raise ConfigError(f"store path {path} is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
         identity = StoreIdentity.of(identity).to_dict()
+        geometry = geometry or default_geometry(int(param_dim), identity)
         S = L.num_shards(int(num_images), int(shard_size))
         want = {
             "format": L.FORMAT, "version": L.VERSION, "identity": identity,
             "num_images": int(num_images), "views_per_image": int(views_per_image), "param_dim": int(param_dim),
             "target_dim": int(target_dim), "shard_size": int(shard_size), "num_shards": S,
+            "geometry": L.normalise(geometry.spec(), "geometry"),
         }
         header_path = path / L.HEADER
         if header_path.exists():
@@ -165,7 +171,7 @@ class StoreWriter:
                 old_cmp = oparams if codec.is_fitted else {k2: oparams.get(k2) for k2 in new}
                 out += [f"codec.params.{d}: {L.get_dotted(old_cmp, d)!r} -> {L.get_dotted(new, d)!r}"
                         for d in L.diff_keys(old_cmp, new)]
-            elif k == "identity":
+            elif k in ("identity", "geometry"):
                 out += [f"identity.{d}: {L.get_dotted(old.get(k), d)!r} -> {L.get_dotted(want[k], d)!r}"
                         for d in L.diff_keys(old.get(k), want[k])]
             elif old.get(k) != want[k]:
@@ -187,7 +193,7 @@ class StoreWriter:
         header = {**want, "codec": {"name": codec.name, "params": L.normalise(codec.params, "codec params"),
                                     "bytes_per_view": codec.bytes_per_view(want["target_dim"]),
                                     "state_files": state_files},
-                  "record_dtype": L.dtype_to_json(L.record_dtype(want["param_dim"], fields)),
+                  "record_dtype": L.dtype_to_json(L.stored_dtype(from_spec(want["geometry"], want["param_dim"]), fields)),
                   "provenance": L.normalise(provenance, "provenance")}
         L.write_json_atomic(path / L.HEADER, header, exclusive=True)  # first creator wins
         _log(path, "create")
@@ -209,16 +215,21 @@ class StoreWriter:
             return sh
         start, stop = self._range(s)
         n, R = stop - start, self.views_per_image
-        rec_p, done_p, skip_p = (self.path / f for f in (L.records_file(s), L.done_file(s), L.skipped_file(s)))
+        rec_p, done_p, skip_p, img_p = (self.path / f for f in (L.records_file(s), L.done_file(s), L.skipped_file(s),
+                                                                   L.images_file(s)))
+        img_dt = self.geometry.image_dtype
         if not done_p.exists():  # the done mask is created last: without it nothing was committed
             L.create_npy(rec_p, self.dtype, (n, R))
+            if img_dt is not None:
+                L.create_npy(img_p, img_dt, (n,))
             L.write_json_atomic(skip_p, [])
             L.create_npy(done_p, np.dtype(np.uint8), (n,))
         mode = "r" if self.is_complete(s) else "r+"
         records = L.open_npy(rec_p, mode, self.dtype, (n, R))
         done = L.open_npy(done_p, mode, np.dtype(np.uint8), (n,))
+        images = L.open_npy(img_p, mode, img_dt, (n,)) if img_dt is not None else None
         entries = L.read_json(skip_p)
-        sh = _Shard(records, done, {int(e["index"]): e for e in entries})
+        sh = _Shard(records, done, images, {int(e["index"]): e for e in entries})
         self._open[s] = sh
         return sh
 
@@ -241,9 +252,10 @@ class StoreWriter:
             out.append(start + np.nonzero(done == L.DONE_NOT)[0].astype(np.int64))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def write(self, indices: np.ndarray, params: np.ndarray, targets: np.ndarray) -> None:
+    def write(self, indices: np.ndarray, params: np.ndarray, targets: np.ndarray, sizes=None) -> None:
         """Store the views of images ``indices`` (distinct, in owned shards): ``params`` float32 (B, R, P),
-        ``targets`` float (B, R, D), encoded by the store's codec."""
+        ``targets`` float (B, R, D), encoded by the store's codec; ``sizes`` (B, 2) the images' (height,
+        width), needed by a ``replay`` geometry."""
         idx = self._check_views(indices, params)
         B, R, D = len(idx), self.views_per_image, self.target_dim
         targets = np.asarray(targets, dtype=np.float32)
@@ -252,21 +264,21 @@ class StoreWriter:
         if not np.isfinite(targets).all():
             raise DataError(f"targets for images {idx[:4].tolist()}... hold NaN or inf (teacher output)")
         enc = self.codec.encode(targets.reshape(B * R, D))
-        self._commit(idx, params, {name: a.reshape((B, R) + a.shape[1:]) for name, a in enc.items()})
+        self._commit(idx, params, {name: a.reshape((B, R) + a.shape[1:]) for name, a in enc.items()}, sizes)
 
-    def write_encoded(self, indices: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+    def write_encoded(self, indices: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray], sizes=None) -> None:
         """:meth:`write` for targets already encoded: every codec field as an array (B, R, *shape)."""
         idx = self._check_views(indices, params)
         B, R = len(idx), self.views_per_image
         want = {n: (self.dtype.fields[n][0].base, (B, R) + self.dtype.fields[n][0].shape)
-                for n in self.dtype.names if n != L.PARAMS_FIELD}
+                for n in self.dtype.names if n not in self.geometry.fields()}
         if set(fields) != set(want):
             raise ValueError(f"encoded fields {sorted(fields)}, the codec {self.codec.name} has {sorted(want)}")
         for n, (dt, shape) in want.items():
             a = fields[n]
             if np.asarray(a).dtype != dt or np.shape(a) != shape:
                 raise ValueError(f"encoded field {n} is {np.asarray(a).dtype} {np.shape(a)}, expected {dt} {shape}")
-        self._commit(idx, params, fields)
+        self._commit(idx, params, fields, sizes)
 
     def _check_views(self, indices: np.ndarray, params: np.ndarray) -> np.ndarray:
         """The image indices (int64 (B,)) after checking them and ``params`` (B, R, P)."""
@@ -285,13 +297,13 @@ class StoreWriter:
             raise DataError(f"params for images {idx[:4].tolist()}... hold NaN or inf")
         return idx
 
-    def _commit(self, idx: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray]) -> None:
-        """Write the records, flush them, then set the images' done flags."""
+    def _commit(self, idx: np.ndarray, params: np.ndarray, fields: dict[str, np.ndarray], sizes) -> None:
+        """Write the records (and per-image rows), flush them, then set the images' done flags."""
         if not len(idx):
             return
         batch = np.empty((len(idx), self.views_per_image), dtype=self.dtype)
-        batch[L.PARAMS_FIELD] = params
-        for name, arr in fields.items():
+        geo, rows = self.geometry.encode(idx, params, sizes)
+        for name, arr in {**geo, **fields}.items():
             batch[name] = arr
         shard_ids = idx // self.shard_size
         for s in np.unique(shard_ids):
@@ -303,8 +315,12 @@ class StoreWriter:
             local = idx[sel] - s * self.shard_size
             stale = [int(i) for i in idx[sel] if int(i) in sh.skipped]
             sh.records[local] = batch[sel]
+            if rows is not None:
+                sh.images[local] = rows[sel]
             if self.sync:
                 sh.records.flush()
+                if rows is not None:
+                    sh.images.flush()
             if stale:  # written now after having been skipped by an interrupted run
                 for i in stale:
                     del sh.skipped[i]
@@ -351,13 +367,15 @@ class StoreWriter:
                 raise DataError(f"store file {self.path / L.skipped_file(s)} lacks skipped images {sorted(lost)[:5]}")
             sh.skipped = {i: e for i, e in sh.skipped.items() if i in marked}
             self._save_skipped(s, sh)
-        sh.records.flush()
-        sh.done.flush()
+        for a in (sh.records, sh.done, sh.images):
+            if a is not None:
+                a.flush()
         del self._open[s]
         del sh
         start, stop = self._range(s)
         entry = {"shard": s, "start": start, "stop": stop,
-                 "files": {name: L.file_entry(self.path / name) for name in (L.records_file(s), L.done_file(s), L.skipped_file(s))}}
+                 "files": {name: L.file_entry(self.path / name) for name in (L.records_file(s), L.done_file(s), L.skipped_file(s),
+                                                                            L.images_file(s)) if (self.path / name).exists()}}
         L.write_json_atomic(f, entry)
         return entry
 
@@ -370,8 +388,9 @@ class StoreWriter:
         """Flush and release the open shard files (the writer can still be used after)."""
         for sh in self._open.values():
             if sh.records.mode != "r":
-                sh.records.flush()
-                sh.done.flush()
+                for a in (sh.records, sh.done, sh.images):
+                    if a is not None:
+                        a.flush()
         self._open.clear()
 
 
