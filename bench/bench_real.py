@@ -14,7 +14,7 @@ kNN (k = 20) and the fast linear probe read frozen backbones; val top-1 is a cla
 head.  Prints a markdown table and the claim lines with whether each holds; rerunning skips
 finished runs.
 
-    python bench/bench_real.py            # ~20 min on 2 CPU cores
+    python bench/bench_real.py            # 40 min on the shared 2-core machine (load ~8), one thread
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench-real"))
     p.add_argument("--arch", default="resnet10t", help="every student's (and the classifier teacher's) architecture")
     p.add_argument("--size", type=int, default=32, help="their input side, and the raw-pixel side")
-    p.add_argument("--effnet-views", default="64,96", help="EfficientNet-Lite0 view sides to try (the best kNN's is used)")
+    p.add_argument("--effnet-views", default="64,96", help="EfficientNet-Lite0 view sides to try (its best is used)")
     p.add_argument("--views", type=int, default=4, help="R stored views per image")
     p.add_argument("--batch", type=int, default=128, help="views per step of every student")
     p.add_argument("--ssl-epochs", type=int, default=8, help="SSL student: views per image")
