@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..errors import DataError
 from .image_io import IMAGE_EXTENSIONS, load_rgb
+from .mnist5k import Mnist5kConfig, ensure_mnist5k
 from .synthetic import SyntheticConfig, ensure_synthetic
 
 SPLITS = ("train", "val")
@@ -208,13 +209,15 @@ class DataSpec:
     options: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
-        if self.kind == "synthetic":
+        if self.kind in BUILT_IN:
             opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-            return "synthetic" + (f":{opts}" if opts else "")
+            return self.kind + (f":{opts}" if opts else "")
         return f"{self.kind}:{self.path}"
 
 
-KINDS = ("synthetic", "imagefolder", "cifar10", "cifar100", "stl10")
+#: the sets made once into ``--data-root``: kind -> (options, make)
+BUILT_IN = {"synthetic": (SyntheticConfig, ensure_synthetic), "mnist5k": (Mnist5kConfig, ensure_mnist5k)}
+KINDS = (*BUILT_IN, "imagefolder", "cifar10", "cifar100", "stl10")
 
 
 def parse_spec(spec: str) -> DataSpec:
@@ -223,18 +226,17 @@ def parse_spec(spec: str) -> DataSpec:
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise DataError(f"--data {spec!r}: unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
-    if kind == "synthetic":
-        options = {}
+    if kind in BUILT_IN:
+        options, fields = {}, BUILT_IN[kind][0].__dataclass_fields__
         for item in filter(None, rest.split(",")):
             k, eq, v = item.partition("=")
-            if not eq or k not in SyntheticConfig.__dataclass_fields__:
-                raise DataError(f"--data {spec!r}: bad synthetic option {item!r} "
-                                f"(options: {', '.join(SyntheticConfig.__dataclass_fields__)})")
+            if not eq or k not in fields:
+                raise DataError(f"--data {spec!r}: bad {kind} option {item!r} (options: {', '.join(fields)})")
             try:
                 options[k] = int(v)
             except ValueError as e:
-                raise DataError(f"--data {spec!r}: synthetic option {k} must be an integer, got {v!r}") from e
-        return DataSpec("synthetic", None, options)
+                raise DataError(f"--data {spec!r}: {kind} option {k} must be an integer, got {v!r}") from e
+        return DataSpec(kind, None, options)
     if not rest:
         raise DataError(f"--data {spec!r}: {kind} needs a path, as in {kind}:/path/to/data")
     return DataSpec(kind, rest)
@@ -246,8 +248,9 @@ def build_dataset(spec: str | DataSpec, split: str = "train", root: str | os.Pat
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     s = parse_spec(spec) if isinstance(spec, str) else spec
-    if s.kind == "synthetic":
-        folder = ensure_synthetic(Path(root or DEFAULT_DATA_ROOT), SyntheticConfig(**s.options), verbose=verbose)
+    if s.kind in BUILT_IN:
+        config, make = BUILT_IN[s.kind]
+        folder = make(Path(root or DEFAULT_DATA_ROOT), config(**s.options), verbose=verbose)
         ds: IndexedDataset = ImageFolderDataset(folder / split, split, name=str(s), cache_dir=root or DEFAULT_DATA_ROOT)
     elif s.kind == "imagefolder":
         base = Path(s.path).expanduser()

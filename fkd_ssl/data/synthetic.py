@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -203,23 +204,22 @@ def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) 
         progress.update(1)
 
 
-def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), verbose: bool = True) -> Path:
-    """Return the folder of the generated dataset, generating it first if needed."""
+def make_once(root: str | os.PathLike, dirname: str, total: int, write: Callable[[Path, Any], dict],
+              verbose: bool = True) -> Path:
+    """``root/dirname``, made first if needed: ``write(tmp, progress)`` fills a temporary folder and
+    returns its manifest; the folder is renamed into place with it, so a killed run counts as not done."""
     from ..progress import bar
 
     root = Path(root).expanduser()
-    final = root / cfg.dirname
+    final = root / dirname
     if (final / "manifest.json").is_file():
         return final
     prepare_out_dir(root, "--data-root", DataError)
-    tmp = root / f".{cfg.dirname}.tmp-{os.getpid()}"
+    tmp = root / f".{dirname}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    with bar(cfg.train + cfg.val, f"generating {cfg.dirname}", "img", enabled=verbose) as pbar:
-        _write_split(tmp, "train", cfg.train, cfg, pbar)
-        _write_split(tmp, "val", cfg.val, cfg, pbar)
-    manifest = {"format": "fkd_ssl.synthetic", "version": FORMAT_VERSION, "config": asdict(cfg),
-                "classes": list(CLASSES), "seconds": round(time.time() - t0, 2)}
+    with bar(total, f"generating {dirname}", "img", enabled=verbose) as pbar:
+        manifest = {**write(tmp, pbar), "seconds": round(time.time() - t0, 2)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     try:
         os.rename(tmp, final)
@@ -229,6 +229,16 @@ def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticCo
         if not (final / "manifest.json").is_file():
             raise
     return final
+
+
+def ensure_synthetic(root: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(), verbose: bool = True) -> Path:
+    """Return the folder of the generated dataset, generating it first if needed."""
+    def write(tmp: Path, pbar) -> dict:
+        _write_split(tmp, "train", cfg.train, cfg, pbar)
+        _write_split(tmp, "val", cfg.val, cfg, pbar)
+        return {"format": "fkd_ssl.synthetic", "version": FORMAT_VERSION, "config": asdict(cfg),
+                "classes": list(CLASSES)}
+    return make_once(root, cfg.dirname, cfg.train + cfg.val, write, verbose)
 
 
 def write_photo_jpegs(folder: Path, n: int) -> None:
