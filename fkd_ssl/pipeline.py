@@ -5,7 +5,7 @@ list; :func:`plan` lists them (what they train and evaluate: ``fkd-quickstart --
 this process through the command's own ``main(argv)``, so it does exactly what its printed command
 does.  ``<out>/pipeline.json`` records finished stages (wall time, command): a rerun skips them and
 resumes the unfinished one.  :func:`summarize` writes ``report.md``, ``summary.csv`` and
-``accuracy_vs_time.png``."""
+``accuracy_vs_time.png``, and :func:`claims` judges what FKD claims on that table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .commands import script_name
 from .errors import ConfigError
@@ -27,35 +27,39 @@ from .fileio import atomic_path, write_text_atomic
 @dataclass(frozen=True)
 class Sizes:
     """Every size the quick start uses: ``FULL`` (2,000 train / 1,000 val images of the built-in
-    synthetic set, about 12 minutes on 2 CPU cores) and ``FAST`` (about 1 minute; what CI runs)."""
+    synthetic set, at most 15 minutes on 2 CPU cores) and ``FAST`` (about 1 minute; what CI runs)."""
 
     data: str
-    teacher_arch: str
+    teacher_arch: str  # the classifier teacher
     student_arch: str
     stem: str
-    size: int  # teacher input side
+    size: int  # classifier teacher input side
     student_size: int  # student input side (FKD: students may train at a lower resolution)
     effnet_view: int  # side of the views the EfficientNet-Lite teacher sees
-    teacher_epochs: int
     classifier_epochs: int  # views per image
     views_per_image: int  # R
-    crops: int  # K
-    student_passes: int  # passes over the images (K views each: K epochs)
-    batch: int  # samples (views, or images for teachers) per step
-    queue: int
+    crops: int  # K, in both variants
+    ssl_epochs: int  # views per image (K views of each decoded image per pass)
+    sup_epochs: int
+    sup_lr: float  # per 256 views
+    batch: int  # samples (views, or images for MoCo) per step
+    queue: int  # MoCo alone's queue; the SSL students' is 8x
     head_hidden: int
     label_map_size: int  # side the ReLabel teacher sees the whole image at (ReLabel: above its training size)
     pixels: int  # side of the raw-pixel baseline
 
 
 FULL = Sizes(data="synthetic:train=2000", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
-             student_size=32, effnet_view=48, teacher_epochs=2, classifier_epochs=3, views_per_image=4, crops=4,
-             student_passes=1,
-             batch=64, queue=512, head_hidden=512, label_map_size=96, pixels=32)
+             student_size=32, effnet_view=48, classifier_epochs=8, views_per_image=8, crops=4, ssl_epochs=12,
+             sup_epochs=16, sup_lr=0.1, batch=128, queue=512, head_hidden=512, label_map_size=96, pixels=32)
 FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t", student_arch="resnet10t",
-             stem="default", size=32, student_size=32, effnet_view=48, teacher_epochs=1, classifier_epochs=1,
-             views_per_image=4, crops=2, student_passes=1, batch=32, queue=64, head_hidden=64, label_map_size=64,
-             pixels=16)
+             stem="default", size=32, student_size=32, effnet_view=48, classifier_epochs=1, views_per_image=4, crops=2,
+             ssl_epochs=2, sup_epochs=2, sup_lr=0.1, batch=32, queue=64, head_hidden=64, label_map_size=64, pixels=16)
+
+#: the models the claims of :func:`claims` compare
+FKD_SSL, ONLINE, MOCO_ALONE = "FKD student (EffNet store)", "online-teacher student (EffNet)", "MoCo alone (student arch, FKD's time)"
+CLASSIFIER, FKD_SUP, PLAIN, RELABEL = "classifier teacher", "FKD student (soft labels)", "plain-label student", "ReLabel student"
+EFFNET, RANDOM = "EfficientNet-Lite0 teacher (ImageNet)", "random init"
 
 
 @dataclass
@@ -83,9 +87,7 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
     common = ["--data", data or z.data, "--data-root", data_root, "--device", device, "--seed", str(seed),
               "--workers", str(workers)]
     run = out / "runs"
-    t_moco, t_cls = run / "teacher-moco", run / "classifier"
-    s_moco, s_eff, s_cls, lmap = run / "store-moco", run / "store-effnet", run / "store-classifier", run / "labelmap"
-    s_eff_probs = run / "store-effnet-probs"
+    t_cls, s_eff, s_cls, lmap = run / "classifier", run / "store-effnet", run / "store-classifier", run / "labelmap"
 
     def trains(name: str, command: str, argv: list[str], folder: Path, variant: str, teacher: str,
                store: Path | None = None, argv_fn=None) -> Stage:
@@ -95,55 +97,37 @@ def plan(out: Path, sizes: Sizes, data_root: str, device: str, workers: int, see
     def fills(name: str, command: str, argv: list[str], folder: Path, variant: str, teacher: str) -> Stage:
         return Stage(name, command, [*argv, "--out", str(folder)], variant, teacher, store=folder)
 
-    teacher_train = [*common, "--arch", z.teacher_arch, "--stem", z.stem, "--input-size", str(z.size), "--queue-size",
-                     str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size", str(z.batch)]
     gen = [*common, "--views-per-image", str(z.views_per_image)]
-    def effnet(target: str) -> list[str]:
-        return [*gen, "--teacher", "effnet-lite0", "--target", target, "--view-size", str(z.effnet_view),
-                "--batch-size", "128"]
-
-    # distill_ssl's default schedule per image (lr 0.06 per 256 images, one warm-up pass) at K = crops
-    ssl_student = [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
-                   "--crops-per-image", str(z.crops), "--epochs", str(z.student_passes * z.crops), "--batch-size",
-                   str(z.batch), "--lr", f"{0.06 / z.crops:g}", "--warmup-epochs", str(z.crops), "--queue-size",
-                   str(z.queue * 4), "--head-hidden", str(z.head_hidden)]
-    # one stored crop per step and image: over a few passes K > 1 visits each image too rarely (docs/supervised.md)
-    sup_student = [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
-                   "--batch-size", str(z.batch), "--epochs", str(z.student_passes * z.crops)]
-    t_moco_model, t_cls_model = str(t_moco / "model.safetensors"), str(t_cls / "model.safetensors")
+    student = [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
+               "--batch-size", str(z.batch)]
+    # distill_ssl's own defaults (AdamW, docs/distill.md "Choosing the defaults"), K = crops
+    ssl_student = [*student, "--crops-per-image", str(z.crops), "--epochs", str(z.ssl_epochs), "--queue-size",
+                   str(z.queue * 8), "--head-hidden", str(z.head_hidden), "--store", str(s_eff)]
+    # equal views in every supervised mode: FKD replays K stored crops per decoded image, the
+    # conventional pipelines (plain labels, ReLabel) decode the image for every crop
+    sup_student = [*student, "--epochs", str(z.sup_epochs), "--lr", f"{z.sup_lr:g}"]
+    t_cls_model = str(t_cls / "model.safetensors")
     stages = [
-        trains("MoCo teacher", "pretrain_teacher", [*teacher_train, "--epochs", str(z.teacher_epochs)], t_moco, "ssl",
-               "moco"),
-        fills("store: MoCo teacher", "gen_targets", [*gen, "--teacher", t_moco_model], s_moco, "ssl", "moco"),
-        fills("store: EfficientNet-Lite0", "gen_targets", effnet("feature"), s_eff, "ssl", "effnet-lite0"),
-        trains("FKD student (MoCo store)", "distill_ssl", [*ssl_student, "--store", str(s_moco)], run / "fkd-moco",
-               "ssl", "moco", s_moco),
-        trains("FKD student (EffNet store)", "distill_ssl", [*ssl_student, "--store", str(s_eff)], run / "fkd-effnet",
-               "ssl", "effnet-lite0", s_eff),
-        trains("online-teacher student (MoCo)", "distill_ssl",
-               [*ssl_student, "--store", str(s_moco), "--online-teacher", t_moco_model], run / "online-moco", "ssl",
-               "moco"),
-        trains("MoCo alone (student arch, FKD's time)", "pretrain_teacher",
-               [*common, "--arch", z.student_arch, "--stem", z.stem, "--input-size", str(z.student_size),
-                "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--batch-size", str(z.batch),
-                "--epochs", "100"], run / "moco-alone", "ssl", "none", argv_fn=_same_time_as(run / "fkd-moco")),
-        trains("classifier teacher", "train_classifier",
+        fills("store: EfficientNet-Lite0", "gen_targets",
+              [*gen, "--teacher", "effnet-lite0", "--target", "feature", "--view-size", str(z.effnet_view),
+               "--batch-size", "128"], s_eff, "ssl", "effnet-lite0"),
+        trains(FKD_SSL, "distill_ssl", ssl_student, run / "fkd-effnet", "ssl", "effnet-lite0", s_eff),
+        trains(ONLINE, "distill_ssl", [*ssl_student, "--online-teacher", "effnet-lite0"], run / "online-effnet", "ssl",
+               "effnet-lite0"),
+        trains(MOCO_ALONE, "pretrain_teacher",
+               [*student, "--queue-size", str(z.queue), "--proj-hidden", str(z.head_hidden), "--epochs", "100"],
+               run / "moco-alone", "ssl", "none", argv_fn=_same_time_as(run / "fkd-effnet")),
+        trains(CLASSIFIER, "train_classifier",
                [*common, "--arch", z.teacher_arch, "--stem", z.stem, "--input-size", str(z.size), "--batch-size",
                 str(z.batch), "--epochs", str(z.classifier_epochs), "--no-val"], t_cls, "sup", "classifier"),
         fills("store: classifier soft labels", "gen_targets", [*gen, "--teacher", t_cls_model], s_cls, "sup",
               "classifier"),
         fills("ReLabel label map", "gen_label_map",
               [*common, "--teacher", t_cls_model, "--input-size", str(z.label_map_size)], lmap, "sup", "classifier"),
-        trains("FKD student (soft labels)", "distill_sup", [*sup_student, "--store", str(s_cls), "--crops-per-image",
-               "1"], run / "sup-fkd", "sup", "classifier", s_cls),
-        fills("store: EfficientNet-Lite0 soft labels", "gen_targets", effnet("probs"), s_eff_probs, "sup",
-              "effnet-lite0"),
-        trains("FKD student (EffNet soft labels)", "distill_sup",  # a 1000-way ImageNet classifier
-               [*sup_student, "--store", str(s_eff_probs), "--crops-per-image", "1"], run / "sup-fkd-effnet", "sup",
-               "effnet-lite0", s_eff_probs),
-        trains("plain-label student", "distill_sup", [*sup_student, "--targets", "hard"], run / "sup-plain", "sup",
-               "none"),
-        trains("ReLabel student", "distill_sup", [*sup_student, "--targets", "relabel", "--label-map", str(lmap)],
+        trains(FKD_SUP, "distill_sup", [*sup_student, "--store", str(s_cls), "--crops-per-image", str(z.crops)],
+               run / "sup-fkd", "sup", "classifier", s_cls),
+        trains(PLAIN, "distill_sup", [*sup_student, "--targets", "hard"], run / "sup-plain", "sup", "none"),
+        trains(RELABEL, "distill_sup", [*sup_student, "--targets", "relabel", "--label-map", str(lmap)],
                run / "sup-relabel", "sup", "classifier", lmap),
     ]
     return stages + eval_stages(out, stages, common, z)
@@ -162,9 +146,9 @@ def eval_stages(out: Path, stages: list[Stage], common: list[str], z: Sizes) -> 
     ev = [*common, "--cache-dir", str(out / "features"), "--results", str(out / "results.jsonl")]
     refs = [(s.name, str(s.model), [], s.variant, s.teacher) for s in stages if s.model is not None]
     # the ImageNet teacher as it is (its features at the size its store's views had), then the baselines
-    refs += [("EfficientNet-Lite0 teacher (ImageNet)", "effnet-lite0", ["--input-size", str(z.effnet_view)],
+    refs += [(EFFNET, "effnet-lite0", ["--input-size", str(z.effnet_view)],
               "reference", "effnet-lite0"),
-             (f"random init ({z.student_arch})", f"random:{z.student_arch}",
+             (RANDOM, f"random:{z.student_arch}",
               ["--stem", z.stem, "--input-size", str(z.student_size)], "baseline", ""),
              ("raw pixels", f"pixels:{z.pixels}", [], "baseline", "")]
     evals = []
@@ -256,22 +240,23 @@ def summary_rows(out: Path, stages: list[Stage]) -> list[dict]:
         e = s or evaluated.get(name)
         row = {"model": name, "variant": (e.variant or "baseline") if e else "baseline",
                "teacher": e.teacher if e else "",
-               "knn_top1": acc.get((name, "knn")), "linear_top1": acc.get((name, "linear")),
+               "knn_top1": acc.get((name, "knn")), "linear_top1": acc.get((name, "linear")), "val_top1": None,
                "train_s": None, "views_per_s": None, "store_mb": None}
         if s is not None and s.model is not None and s.model.with_suffix(".json").exists():
             meta = json.loads(s.model.with_suffix(".json").read_text())
             row["train_s"] = round(float(meta.get("train_seconds", 0.0)), 1)
             vps = _last_metric(s.model.parent, "views_per_s")
             row["views_per_s"] = round(vps, 1) if vps else None
+            row["val_top1"] = _last_metric(s.model.parent, "val_top1")
         if s is not None and s.store is not None and s.store.exists() and "student" in s.name.lower():
             row["store_mb"] = round(_dir_bytes(s.store) / 1e6, 2)
         rows.append(row)
     return rows
 
 
-COLUMNS = ("model", "variant", "teacher", "knn_top1", "linear_top1", "train_s", "views_per_s", "store_mb")
-HEADERS = ("model", "variant", "teacher", "kNN top-1 (k=20)", "linear top-1", "train time (s)", "views/s",
-           "store (MB)")
+COLUMNS = ("model", "variant", "teacher", "knn_top1", "linear_top1", "val_top1", "train_s", "views_per_s", "store_mb")
+HEADERS = ("model", "variant", "teacher", "kNN top-1 (k=20)", "linear top-1", "val top-1", "train time (s)",
+           "views/s", "store (MB)")
 
 
 def render_summary(rows: list[dict]) -> str:
@@ -281,6 +266,61 @@ def render_summary(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+class Claim(NamedTuple):
+    """One of the quick start's claims, with the numbers it rests on."""
+
+    text: str
+    numbers: str
+    holds: bool | None  # None: a number is missing
+
+
+def claims(rows: list[dict], z: Sizes) -> list[Claim]:
+    """What the quick start claims for FKD (issue 13), each judged on this run's table."""
+    by = {r["model"]: r for r in rows}
+
+    def get(model: str, key: str) -> float | None:
+        return by.get(model, {}).get(key)
+
+    def claim(text: str, numbers: Callable[..., str], test: Callable[..., bool], *values) -> Claim:
+        if any(v is None for v in values):
+            return Claim(text, "missing: " + ", ".join(map(str, values)), None)
+        return Claim(text, numbers(*values), bool(test(*values)))
+
+    def closes(student: str, teacher: str) -> Claim:
+        return claim(f"{student} closes at least half of the kNN distance from random init to its teacher",
+                     lambda s, r, t: f"random {r:.1f} -> student {s:.1f} -> teacher {t:.1f}: "
+                                     f"{100 * (s - r) / max(t - r, 1e-9):.0f}%",
+                     lambda s, r, t: t > r and (s - r) >= 0.5 * (t - r),
+                     get(student, "knn_top1"), get(RANDOM, "knn_top1"), get(teacher, "knn_top1"))
+
+    per_epoch = {m: (get(m, "train_s") / z.sup_epochs if get(m, "train_s") else None) for m in (FKD_SUP, PLAIN, RELABEL)}
+    return [
+        claim("SSL: the FKD student beats MoCo alone (same arch, FKD's training time) by >= 5 kNN points",
+              lambda f, m: f"{f:.1f} vs {m:.1f} ({f - m:+.1f})", lambda f, m: f - m >= 5,
+              get(FKD_SSL, "knn_top1"), get(MOCO_ALONE, "knn_top1")),
+        claim("SSL: the FKD student is within 1.5 kNN points of the online-teacher student at <= 0.7x its time",
+              lambda f, o, tf, to: f"{f:.1f} vs {o:.1f} ({f - o:+.1f}); {tf:.0f} s vs {to:.0f} s ({tf / to:.2f}x)",
+              lambda f, o, tf, to: f >= o - 1.5 and tf <= 0.7 * to,
+              get(FKD_SSL, "knn_top1"), get(ONLINE, "knn_top1"), get(FKD_SSL, "train_s"), get(ONLINE, "train_s")),
+        claim("supervised: the FKD student beats the plain-label student by >= 2 val top-1 points and is at least "
+              "as good as the ReLabel student, at equal views",
+              lambda f, p, r: f"{f:.1f} vs plain {p:.1f} ({f - p:+.1f}), ReLabel {r:.1f} ({f - r:+.1f})",
+              lambda f, p, r: f - p >= 2 and f >= r,
+              get(FKD_SUP, "val_top1"), get(PLAIN, "val_top1"), get(RELABEL, "val_top1")),
+        claim("supervised: seconds per epoch FKD < plain < ReLabel",
+              lambda f, p, r: f"{f:.2f} < {p:.2f} < {r:.2f} s", lambda f, p, r: f < p < r,
+              per_epoch[FKD_SUP], per_epoch[PLAIN], per_epoch[RELABEL]),
+        closes(FKD_SSL, EFFNET),
+        closes(FKD_SUP, CLASSIFIER),
+    ]
+
+
+def render_claims(found: list[Claim]) -> str:
+    """The claims as markdown lines: whether each holds, and its numbers."""
+    word = {True: "holds", False: "does NOT hold", None: "not measured"}
+    return "\n".join(f"- **{word[c.holds]}**: {c.text} — {c.numbers}" for c in found) + "\n"
 
 
 def plot_summary(rows: list[dict], path: Path) -> Path:
@@ -335,7 +375,7 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def summarize(out: Path, stages: list[Stage], ledger: Ledger, header: str) -> str:
+def summarize(out: Path, stages: list[Stage], ledger: Ledger, header: str, sizes: Sizes) -> str:
     """Write ``report.md``, ``summary.csv`` and ``accuracy_vs_time.png`` in ``out``; returns the markdown."""
     rows = summary_rows(out, stages)
     table = io.StringIO(newline="")
@@ -346,7 +386,8 @@ def summarize(out: Path, stages: list[Stage], ledger: Ledger, header: str) -> st
     plot_summary(rows, out / "accuracy_vs_time.png")
     total = sum(v["seconds"] for v in ledger.done.values())
     md = [header, "", render_summary(rows), f"Pipeline wall time: {total / 60:.1f} min over {len(ledger.done)} stages "
-          "(first run of each stage).", "", "![accuracy vs training time](accuracy_vs_time.png)", "",
+          "(first run of each stage).", "", "## Claims", "", render_claims(claims(rows, sizes)),
+          "![accuracy vs training time](accuracy_vs_time.png)", "",
           "## Commands", ""]
     md += [f"- {name}: `{v['command']}` ({v['seconds']:.0f} s)" for name, v in ledger.done.items()]
     text = "\n".join(md) + "\n"

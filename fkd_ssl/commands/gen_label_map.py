@@ -41,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan(args, out, model, dataset, device):
     import numpy as np
 
-    from ..relabel.maps import _WholeImages, label_map_spec, topk_maps
+    from ..relabel.maps import _whole_images, label_map_spec, topk_maps
     from ..store.geometry import Geometry
     from ..store.plan import StorePlan
 
     identity, codec = label_map_spec(model, dataset, args.topk, args.input_size, device)
-    whole = _WholeImages(dataset, [np.array([i]) for i in range(len(dataset))], identity.extra["maps"]["input_size"],
-                         model.spec.interpolation)
-    step = lambda i: [topk_maps(model, [x], args.topk, device, False) for _, x, _ in whole[i] if x is not None]  # noqa: E731
+    size = identity.extra["maps"]["input_size"]
+    step = lambda i: [topk_maps(model, [x], args.topk, device, False)  # noqa: E731
+                      for _, x, _ in _whole_images(dataset, size, model.spec.interpolation, np.array([i])) if x is not None]
     return StorePlan.of(out, len(dataset), 1, codec, model.spec.num_classes, Geometry(0), args.shard_size,
                         step if args.plan else None)
 

@@ -1,14 +1,14 @@
 """The whole FKD pipeline in one command, on the built-in synthetic set, on CPU.
 
-Teacher once, students fast, results side by side: a MoCo teacher pretrained here and the
-ImageNet EfficientNet-Lite0 teacher shipped by a PyPI package each fill a target store; FKD
-students train from the stores (no teacher at training time) beside the online-teacher student
-and the student trained by MoCo alone; the supervised variant trains a classifier teacher,
-stores its soft labels and its ReLabel map, and trains FKD, plain-label and ReLabel students.
-Every model is then judged by kNN and a linear probe.  Ends with a table and a figure
-(accuracy vs training time) and ``report.md`` in ``--out``.  Each stage prints the command
-that reproduces it; rerunning resumes (finished stages are skipped).  ``--fast``: smaller
-everything (about 1.5 minutes on 2 cores; what CI runs).  Under ``torchrun`` every rank runs
+Teacher once, students fast, results side by side: the ImageNet EfficientNet-Lite0 teacher
+shipped by a PyPI package fills a target store; the FKD student trains from it (no teacher at
+training time) beside the online-teacher student and the student trained by MoCo alone; the
+supervised variant trains a classifier teacher, stores its soft labels and its ReLabel map, and
+trains FKD, plain-label and ReLabel students; K = 4 crops per decoded image in both variants.
+Every model is then judged by kNN and a linear probe.  Ends with a table, the claims each
+judged on it, a figure (accuracy vs training time) and ``report.md`` in ``--out``.  Each stage
+prints the command that reproduces it; rerunning resumes (finished stages are skipped).
+``--fast``: smaller everything (a few minutes on 2 cores; what CI runs).  Under ``torchrun`` every rank runs
 every stage (each command is DDP-aware) and rank 0 writes the ledger, table and figure.
 """
 
@@ -62,7 +62,7 @@ def run(args) -> int:
         if ctx.is_main:
             header = (f"# FKD quick start on `{sizes.data}` ({'--fast' if args.fast else 'full'}, device "
                       f"{args.device}, {ctx.world_size} process(es), git {config['git_sha']})")
-            text = pipeline.summarize(out, stages, ledger, header)
+            text = pipeline.summarize(out, stages, ledger, header, sizes)
             print("\n" + text.split("## Commands")[0].rstrip())
             print(f"\nquick start: {time.time() - t0:.0f} s this run -> {out / 'report.md'}, "
                   f"{out / 'accuracy_vs_time.png'}", flush=True)
