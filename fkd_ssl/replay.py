@@ -6,18 +6,16 @@ so no view repeats before all were used (docs/distill.md).  Items are :class:`Re
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import ConfigError, DataError
+from .data.image_io import read_uint8
+from .errors import ConfigError
 from .views import PARAM_FIELDS, ViewConfig, render_view, sample_views
 
 _SIGMA = PARAM_FIELDS.index("blur_sigma")
@@ -105,34 +103,12 @@ class FreshViews:
 
 
 def decode_rgb(base, index: int, min_crop: tuple[float, float] | None = None, size: int = 0) -> torch.Tensor:
-    """Image ``index`` of ``base`` as uint8 (3, H, W); a JPEG is drafted at the smallest scale at which
-    every crop of ``min_crop`` (fractions) still has ``>= size`` pixels a side."""
-    from .data.image_io import to_rgb
-
+    """Image ``index`` of ``base`` as uint8 (3, H, W) (:func:`~fkd_ssl.data.image_io.read_uint8`: a JPEG
+    drafted at the smallest scale at which every crop of ``min_crop`` keeps ``>= size`` pixels a side)."""
     path = base.path(index) if hasattr(base, "path") else None
     if path is None or min_crop is None:
-        img = base.load(index)
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
-                    if im.format == "JPEG":
-                        w, h = im.size
-                        side = min(min_crop[0] * h, min_crop[1] * w)
-                        factor = 1
-                        while factor < 8 and side / (factor * 2) >= size:
-                            factor *= 2
-                        if factor > 1:
-                            im.draft("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
-                    im.load()
-                    img = to_rgb(im)
-        except FileNotFoundError as e:
-            raise DataError(f"image file not found: {path}") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as e:
-            raise DataError(f"cannot decode image {path}: {e}") from e
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(base.load(index), dtype=np.uint8)).permute(2, 0, 1)
+    return read_uint8(path, min_crop, size)
 
 
 def _extra_augment(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -6,6 +6,8 @@ RGBA).  A file that cannot be decoded raises :class:`~fkd_ssl.errors.DataError` 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
 
@@ -33,21 +35,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` to an RGB PIL image; raises DataError naming the file if unreadable."""
+@contextlib.contextmanager
+def _decoding(path):
+    """Open ``path`` with PIL; any failure to read or decode becomes one DataError naming the file."""
     from ..errors import DataError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
+                yield img
     except FileNotFoundError as e:
         raise DataError(f"image file not found: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         raise DataError(f"cannot decode image {path}: {e}") from e
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` to an RGB PIL image; raises DataError naming the file if unreadable."""
+    with _decoding(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def read_uint8(path: str | os.PathLike, min_crop: tuple[float, float] | None = None, size: int = 0) -> torch.Tensor:
+    """Decode ``path`` to uint8 ``(3, H, W)``; a JPEG is drafted (decoded at 1/2, 1/4 or 1/8 size) at
+    the smallest scale at which every crop of ``min_crop`` (fractions of the image) keeps ``>= size``
+    pixels a side."""
+    with _decoding(path) as img:
+        if img.format == "JPEG" and min_crop is not None:
+            w, h = img.size
+            factor = 1
+            while factor < 8 and min(min_crop[0] * h, min_crop[1] * w) / (factor * 2) >= size:
+                factor *= 2
+            if factor > 1:
+                img.draft("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
+        img.load()
+        return torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
