@@ -49,8 +49,8 @@ class Sizes:
     pixels: int  # side of the raw-pixel baseline
 
 
-FULL = Sizes(data="synthetic:train=2000", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=48,
-             student_size=32, effnet_view=48, classifier_epochs=8, views_per_image=8, crops=4, ssl_epochs=12,
+FULL = Sizes(data="synthetic:train=2000", teacher_arch="resnet10t", student_arch="resnet10t", stem="default", size=32,
+             student_size=32, effnet_view=48, classifier_epochs=16, views_per_image=12, crops=4, ssl_epochs=12,
              sup_epochs=16, sup_lr=0.1, batch=128, queue=512, head_hidden=512, label_map_size=96, pixels=32)
 FAST = Sizes(data="synthetic:train=300,val=150,size=32", teacher_arch="resnet10t", student_arch="resnet10t",
              stem="default", size=32, student_size=32, effnet_view=48, classifier_epochs=1, views_per_image=4, crops=2,
