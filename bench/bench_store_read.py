@@ -67,6 +67,9 @@ def build(root: Path, N: int, R: int) -> tuple[Path, Path, Path]:
 
 
 def read_plain(files: Path, i: int, views: np.ndarray, codec):
+    # the baseline as FKD's training code reads its files (an unrestricted unpickler); only ever
+    # called on the files build() wrote a moment ago into this run's own scratch folder, never on
+    # a file a user received (those go through the safe loader, read_safe below)
     coords, flips, labels = torch.load(files / f"{i:07d}.tar", weights_only=False)
     lab = labels[views]
     return coords[views], flips[views], codec.decode({"idx": lab[:, 0].astype(np.uint16),
