@@ -81,6 +81,26 @@ def build_classifier(arch: str, stem: str, input_size: int, num_classes: int) ->
     return Encoder(ModelSpec(arch=arch, stem=stem, num_classes=num_classes, input_size=input_size))
 
 
+def probe_classifier(encoder: Encoder, weight: torch.Tensor, bias: torch.Tensor, input_size: int) -> Encoder:
+    """``encoder``'s backbone (frozen features) with a linear probe as its classifier: a teacher for
+    supervised FKD.  ``weight`` (C, D) / ``bias`` (C,) act on the raw pooled features."""
+    from dataclasses import replace
+
+    spec = replace(encoder.spec, num_classes=int(weight.shape[0]), input_size=int(input_size))
+    model = Encoder(spec)
+    classifier = model.backbone.get_classifier()
+    own = model.state_dict()
+    kept = {k: v for k, v in encoder.state_dict().items() if k in own and own[k].shape == v.shape}
+    missing = set(own) - set(kept) - {f"backbone.{n}.{p}" for n, m in model.backbone.named_modules()
+                                       if m is classifier for p in ("weight", "bias")}
+    if missing:
+        raise ConfigError(f"cannot rebuild {spec.arch} with a {weight.shape[0]}-class classifier: {sorted(missing)[0]}")
+    model.load_state_dict(kept, strict=False)
+    classifier.weight.data.copy_(weight)
+    classifier.bias.data.copy_(bias)
+    return model.eval()
+
+
 def init_backbone(model: Encoder, ref: str, device: str | torch.device = "cpu") -> dict:
     """Copy the backbone weights of checkpoint ``ref`` into ``model`` (fine-tuning).
 

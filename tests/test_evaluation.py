@@ -455,3 +455,29 @@ def test_gpu_index_path_is_wired_like_the_cpu_one(monkeypatch):
     cpu = knn_search(bank, queries, 5, use_gpu=False)
     assert len(made) == 4 and len({id(r) for r in made}) == 1  # one resources object, reused per shard
     assert np.array_equal(gpu[1], cpu[1]) and np.allclose(gpu[0], cpu[0])
+
+
+def test_exported_probe_classifier_predicts_what_the_probe_measured(data_root, tiny_ckpt, tmp_path, capsys):
+    from fkd_ssl.checkpoint import load_model
+
+    out = tmp_path / "teacher" / "model.safetensors"
+    common = ["--data", SPEC, "--data-root", str(data_root), "--workers", "0", "--device", "cpu", "--no-cache",
+              "--results", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "ev")]
+    probe = _script("linear_probe")
+    assert probe(["--checkpoint", str(tiny_ckpt), "--wd", "1e-3", "--input-size", "24", *common,
+                  "--export-classifier", str(out)]) == 0
+    top1 = json.loads((tmp_path / "ev" / "linear_probe.json").read_text())["results"][0]["top1"]
+    model, meta = load_model(out, expect="classifier")
+    source, _ = load_model(tiny_ckpt)
+    assert meta["method"] == "linear-probe" and model.spec.num_classes == 10 and model.spec.input_size == 24
+    assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items()
+               if not k.startswith("fc."))
+    val = build_dataset(SPEC, "val", root=data_root, verbose=False)
+    transform = resolve_source(str(out)).transform
+    x = torch.stack([transform(val.load(i)) for i in range(len(val))])
+    with torch.no_grad():
+        acc = 100.0 * (model.logits(x).argmax(1).numpy() == np.array(val.targets)).mean()
+    assert abs(acc - top1) < 1e-3  # the result file rounds to 4 decimals
+    with pytest.raises(SystemExit):
+        probe(["--checkpoint", "pixels:8", *common, "--export-classifier", str(tmp_path / "x")])
+    assert "--export-classifier needs" in capsys.readouterr().err

@@ -36,6 +36,8 @@ def build_parser():
     g.add_argument("--holdout", type=positive_float("--holdout"), default=0.1,
                    help="fraction of the train split held out to choose the weight decay")
     g.add_argument("--max-iter", type=positive_int("--max-iter"), default=100, help="L-BFGS iterations per fit")
+    g.add_argument("--export-classifier", default=None, metavar="FILE",
+                   help="also write the model with the probe as its classifier (a teacher for fkd-gen-targets)")
     g = p.add_argument_group("full probe")
     g.add_argument("--full", action="store_true", help="the standard protocol (for GPU runs)")
     g.add_argument("--epochs", type=positive_int("--epochs"), default=90, help="--full: passes over the images (a sample is an image)")
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.holdout >= 1:
         p.error(f"--holdout must be < 1 (a fraction of the train split), got {args.holdout}")
+    if args.export_classifier and (args.full or args.checkpoint.startswith("pixels") or args.features != "backbone"):
+        p.error("--export-classifier needs the fast probe of a model's backbone features")
     return run(args)
 
 
@@ -87,10 +91,24 @@ def run(args: argparse.Namespace) -> int:
         path = E.finish(args, out, "linear_probe_full" if args.full else "linear_probe", source, train, val, [
             dict(protocol=protocol, top1=res.top1, top5=res.top5, seconds=seconds, extract_seconds=t_extract,
                  cached=cached, extra=extra)])
+        if args.export_classifier:
+            _export(args, source, res, train, val)
         detail = (f"{args.epochs} epochs" if args.full else f"wd={res.wd:g}")
         print(f"linear probe ({'full' if args.full else 'fast'}): {E.header(source, train, val, cached)} | "
               f"top1 {res.top1:.1f} top5 {res.top5:.1f} | {detail} | {seconds:.1f} s -> {path}", flush=True)
         return 0
+
+
+def _export(args, source, res, train, val) -> None:
+    """``--export-classifier``: the backbone with the refit probe folded into its classifier."""
+    from ..checkpoint import save_model
+    from ..supervised import probe_classifier
+
+    model = probe_classifier(source.encoder.cpu(), *(t.cpu() for t in res.model.folded()), source.input_size)
+    path = save_model(args.export_classifier, model, {
+        "method": "linear-probe", "num_classes": train.num_classes, "classes": list(train.classes),
+        "probe": {"source": source.describe(), "wd": res.wd, "val_top1": res.top1, "data": args.data}})
+    print(f"classifier (backbone + this probe) -> {path}", flush=True)
 
 
 def console() -> None:

@@ -51,6 +51,11 @@ class LinearModel:
         x = x.to(self.weight.device, self.weight.dtype)
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (C, D), bias (C,)) of the same map on raw features: ``x @ weight.T + bias``."""
+        weight = self.weight / self.std
+        return weight, self.bias - weight @ self.mean
+
 
 def standardizer(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std (D,) of (N, D) features (constant dimensions get std 1)."""
@@ -108,6 +113,7 @@ class ProbeResult:
     sweep: list[dict] = field(default_factory=list)
     iterations: int = 0
     predictions: np.ndarray | None = None
+    model: LinearModel | None = None  # the refit probe (fast protocol)
 
 
 def fast_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
@@ -144,4 +150,4 @@ def fast_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarra
     logits = final.logits(torch.as_tensor(np.asarray(val_x, dtype=np.float32), device=device))
     vy = torch.as_tensor(val_y, device=device)
     acc = accuracy(logits, vy)
-    return ProbeResult(acc[1], acc[5], best_wd, sweep, final.iterations, logits.argmax(1).cpu().numpy())
+    return ProbeResult(acc[1], acc[5], best_wd, sweep, final.iterations, logits.argmax(1).cpu().numpy(), final)
