@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import dist as fdist
 from .checkpoint import load_state, save_model, save_state
-from .data.sampler import EpochBatchSampler
+from .data.sampler import EpochBatchSampler, spread_views
 from .dist import DistContext
 from .errors import CheckpointError, ConfigError
 from .fileio import write_text_atomic
@@ -64,6 +64,7 @@ class TrainConfig:
     log_every: int = 20
     ckpt_minutes: float = 10.0
     max_minutes: float = 0.0  # stop (and export) after this much training time; 0 = no limit
+    spread: int = 0  # > 1: spread each image's K views over this many steps (data.sampler.spread_views)
 
 
 class Task(nn.Module):
@@ -356,6 +357,9 @@ def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistCont
 
     net = wrap_ddp(task, ctx)
     loader = build_loader(dataset, sampler, cfg, device.type == "cuda")
+    group = max(cfg.spread, 1)  # states are saved, and runs stop, only at the boundaries of spread groups
+    if group > 1:
+        loader = spread_views(loader, group, per_epoch, pos.batch, cfg.seed)
     log, policy = MetricsLog(out, ctx.is_main, pos.step, ctx.world_size), StopPolicy(cfg, ctx)
     pbar = bar(len(sampler), desc, "step", enabled=ctx.is_main)
     task.train()
@@ -375,6 +379,8 @@ def train(task: Task, dataset: Dataset, indices, cfg: TrainConfig, ctx: DistCont
             pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}",
                              views_s=f"{row['views_per_s']:.0f}", refresh=False)
         stop, save = policy.decide(pos.elapsed, epoch_end)
+        if pos.batch % group and not epoch_end:
+            stop = save = False
         if epoch_end:
             pos.epoch, pos.batch = pos.epoch + 1, 0
             files.save(pos)

@@ -157,7 +157,10 @@ def train_student(args, data: TrainingData, task, ctx, train_set, out: Path, ide
 
 
 def check_budget(args, k: int) -> None:
-    """ConfigError unless --epochs and --batch-size are whole numbers of passes / images at K = ``k``."""
+    """ConfigError unless --epochs and --batch-size are whole numbers of passes / images at K = ``k``
+    and --spread-steps is a multiple of K."""
+    if getattr(args, "spread_steps", 0) % k:  # a students' flag
+        raise ConfigError(f"--spread-steps {args.spread_steps} must be a multiple of --crops-per-image {k}")
     if args.epochs % k:
         raise ConfigError(f"--epochs {args.epochs} must be a multiple of --crops-per-image {k}: one pass over the "
                           f"images gives {k} views per image, worth {k} epochs (as in FKD)")
@@ -174,4 +177,4 @@ def train_config(args, k: int) -> TrainConfig:
     check_budget(args, k)
     optim = OptimConfig(args.optimizer, args.lr * k, args.weight_decay, 0.9, args.warmup_epochs / k)
     return TrainConfig(epochs=args.epochs // k, batch_size=args.batch_size // k, workers=args.workers, seed=args.seed,
-                       optim=optim, amp=not args.no_amp, max_minutes=args.max_minutes)
+                       optim=optim, amp=not args.no_amp, max_minutes=args.max_minutes, spread=getattr(args, "spread_steps", 0))

@@ -55,6 +55,8 @@ def build_parser(description: str = __doc__):
     p.add_argument("--crops-per-image", type=cli.positive_int("--crops-per-image"), default=None,
                    help="K views of each decoded image per step (FKD's num_crops; default 4 for store/online, "
                         "1 for hard/relabel, the conventional pipelines)")
+    p.add_argument("--spread-steps", type=cli.nonneg_int("--spread-steps"), default=0, metavar="N",
+                   help="spread each decoded image's K views over N steps (a multiple of K) instead of one step")
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the store's / teacher's view size, else 64)")

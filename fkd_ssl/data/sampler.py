@@ -80,3 +80,50 @@ class EpochBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, (self.epochs - self.start_epoch) * self.steps_per_epoch - self.start_batch)
+
+
+def spread_views(batches, window: int, per_epoch: int, start_batch: int = 0, seed: int = 0):
+    """Spread the K views of each decoded image over ``window`` consecutive steps (``window``: a multiple of K).
+
+    ``batches`` yields NamedTuple batches of ``b`` images x K views (per-view fields ``(b, K, ...)``, per-image
+    fields ``(b, ...)``); each aligned group of ``window`` of them (counted from each epoch's start) comes out as
+    ``window`` batches of ``b * K`` distinct images x 1 view.  Image ``i`` of the group goes to offset
+    ``g(i)`` (a seeded balanced assignment) and its view ``v`` to step ``(g(i) + v * window / K) % window``, so every
+    batch keeps its size and an image's views are ``window / K`` steps apart.  The tail of an epoch that does not fill
+    a group passes through unchanged.  The steps stay aligned with the input's, so a resume at a group
+    boundary (``start_batch``) continues as the uninterrupted run does."""
+    pos, group = start_batch % per_epoch, []
+    for batch in batches:
+        group.append(batch)
+        pos += 1
+        if pos == per_epoch or len(group) == window:
+            if len(group) == window:
+                yield from _spread(group, window, seed, pos // window)
+            else:
+                yield from group
+            group, pos = [], pos % per_epoch
+
+
+def _spread(group: list, window: int, seed: int, tag: int) -> list:
+    import torch
+
+    first = group[0]
+    b, k = first.views.shape[:2]
+    if window % k:
+        raise ValueError(f"the spread window ({window} steps) must be a multiple of K = {k}")
+    whole = type(first)(*(torch.cat([getattr(g, f) for g in group]) for f in first._fields))  # (window*b, ...)
+    images = window * b
+    offset = torch.from_numpy(np.random.default_rng([seed, tag, int(whole.image[0]), 0x5B7EAD]).permutation(images) % window)
+    out = []
+    for step in range(window):
+        parts = []
+        for v in range(k):
+            rows = torch.nonzero(offset == (step - v * (window // k)) % window).flatten()
+            parts.append((rows, v))
+        fields = []
+        for f in first._fields:
+            t = getattr(whole, f)
+            per_view = t.dim() >= 2 and t.shape[1] == k
+            fields.append(torch.cat([t[rows, v:v + 1] if per_view else t[rows] for rows, v in parts]))
+        out.append(type(first)(*fields))
+    return out
