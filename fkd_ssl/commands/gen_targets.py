@@ -6,7 +6,6 @@ Rerunning the same command resumes; another teacher, sampler, codec or dataset i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +75,9 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+def check(p, args) -> None:
     if args.crop_min is not None and args.crop_min > 1:
         p.error(f"--crop-min must be <= 1, got {args.crop_min}")
-    return run(args)
 
 
 def _codec(args, teacher):
@@ -176,8 +172,7 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
                 codec.fit(_pq_sample(teacher, train_set, views, args.seed, args.views_per_image, ctx.device))
             StoreWriter.create_or_resume(out, identity, codec=codec, overwrite=args.overwrite, shards=[], **kw)
     if ctx.is_main:
-        print("config: " + json.dumps({**vars(args), "identity": identity.to_dict(), "git_sha": cli.git_sha()}, default=str),
-              flush=True)
+        cli.print_config({**vars(args), "identity": identity.to_dict()})
     shards = owned_shards(num_shards(len(train_set), args.shard_size), ctx.rank, ctx.world_size)
     return StoreWriter.create_or_resume(out, identity, codec=codec, shards=shards, **kw)
 
@@ -237,5 +232,4 @@ def run(args) -> int:
     return 0
 
 
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)
