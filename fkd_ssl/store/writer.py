@@ -33,13 +33,9 @@ def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
 
 def default_provenance() -> dict:
     """The command line and git SHA of this process (stored in the header at creation)."""
-    try:
-        from ..cli import git_sha
+    from ..cli import git_sha
 
-        sha = git_sha()
-    except Exception:  # provenance is informative only
-        sha = "unknown"
-    return {"command": shlex.join(sys.argv), "git_sha": sha, "numpy": np.__version__}
+    return {"command": shlex.join(sys.argv), "git_sha": git_sha(), "numpy": np.__version__}
 
 
 def _log(path: Path, event: str, **extra) -> None:
