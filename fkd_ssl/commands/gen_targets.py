@@ -12,15 +12,15 @@ import numpy as np
 
 from .. import cli
 from .. import dist as fdist
-from ..data import build_dataset, load_uint8
+from ..data import build_dataset
 from ..errors import ConfigError
-from ..generate import GroupViews, generate
+from ..generate import generate, image_views
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from ..store.geometry import ReplayGeometry
 from ..store.plan import StorePlan
 from ..store.layout import HEADER, num_shards
 from ..teacher import ENSEMBLE_MODES, POOLS, TARGET_KINDS, default_views, load_teachers
-from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
+from ..views import VIEW_PARAM_DIM, ViewConfig
 
 
 def build_parser():
@@ -95,10 +95,9 @@ def _pq_sample(teacher, train_set, cfg, seed, R, device, max_views=8192) -> np.n
     """Teacher outputs on the first images' views: the deterministic sample PQ trains on."""
     outs, n = [], 0
     for i in range(len(train_set)):
-        img, _ = load_uint8(train_set, i)
-        if img is None:  # unreadable: gen_targets records it as skipped
+        views = image_views(train_set, cfg, seed, R, [i])[0].views
+        if views is None:  # unreadable: gen_targets records it as skipped
             continue
-        views = render_views(img, sample_views(cfg, seed, i, range(R), img.shape[1], img.shape[2]), cfg)
         outs.append(teacher(views.to(device)).cpu().numpy())
         n += len(views)
         if n >= max_views:
@@ -179,7 +178,7 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
 
 def _plan(args, out, teacher, train_set, views, codec, device) -> StorePlan:
     def step(i):  # one image's views through the teacher, as generate() does
-        it = GroupViews(train_set, [np.array([i])], views, args.seed, args.views_per_image)[0][0]
+        it = image_views(train_set, views, args.seed, args.views_per_image, [i])[0]
         for c in range(0, 0 if it.views is None else len(it.views), args.batch_size):
             teacher(it.views[c:c + args.batch_size].to(device))
     return StorePlan.of(out, len(train_set), args.views_per_image, codec, teacher.dim, ReplayGeometry(
@@ -200,8 +199,7 @@ def _finish(out, stats, ctx) -> None:
 
 
 def run(args) -> int:
-    ctx = fdist.setup(args.device)
-    try:
+    with fdist.session(args.device) as ctx:
         args.teacher = args.teacher or [_default_teacher(args)]
         teacher, teacher_id = load_teachers(args.teacher, args.teacher_weights, args.ensemble, arch=args.arch,
                                             kind=args.target, temp=args.temp, device=ctx.device, pool=args.pool,
@@ -213,8 +211,8 @@ def run(args) -> int:
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
         views = _views(args, teacher, train_set)
         identity = StoreIdentity(teacher=teacher_id, views=views.to_dict(), seed=args.seed, group=args.group,
-                                   dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
-                                            "num_classes": train_set.num_classes})
+                                 dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
+                                          "num_classes": train_set.num_classes})
         codec = _codec(args, teacher)
         plan = _plan(args, out, teacher, train_set, views, codec, ctx.device)
         if args.plan:
@@ -227,8 +225,6 @@ def run(args) -> int:
         writer.complete_owned()
         writer.close()
         _finish(out, stats, ctx)
-    finally:
-        fdist.cleanup()
     return 0
 
 
