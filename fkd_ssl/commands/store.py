@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .. import cli
 from ..store import TargetStore
 
@@ -103,8 +105,6 @@ def _replay(args: argparse.Namespace, store: TargetStore) -> None:
     """Re-run the teacher on ``--replay`` sampled views: a view agrees when its stored target is as close to
     the teacher's output now as the codec's own round trip of that output (cosine after removing the mean
     output of the sample, which a teacher's outputs often share; 0.01 slack)."""
-    import numpy as np
-
     from ..data import build_dataset, load_uint8
     from ..dist import resolve_device
     from ..errors import ConfigError, DataError
@@ -147,8 +147,6 @@ def _replay(args: argparse.Namespace, store: TargetStore) -> None:
 
 
 def _cos(a, b):
-    import numpy as np
-
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 

@@ -21,7 +21,7 @@ from . import layout as L
 from .codec_files import load_codec, referenced_files, save_codec_state
 from .codecs import Codec
 from .geometry import Geometry, default_geometry, from_spec
-from .identity import StoreIdentity
+from .identity import StoreIdentity, StoreShape
 
 
 def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
@@ -63,24 +63,15 @@ class _Shard:
         self.records, self.done, self.images, self.skipped = records, done, images, skipped
 
 
-class StoreWriter:
+class StoreWriter(StoreShape):
     """Writes the shards it owns of one store.  Create with :meth:`create_or_resume`."""
 
     def __init__(self, path: Path, header: dict, codec: Codec, shards: list[int], sync: bool):
-        self.path = path
+        super().__init__(path, header, codec)
         self.header = header
-        self.identity = StoreIdentity.from_dict(header["identity"])
-        self.codec = codec
-        self.num_images: int = header["num_images"]
-        self.views_per_image: int = header["views_per_image"]
-        self.param_dim: int = header["param_dim"]
-        self.target_dim: int = header["target_dim"]
-        self.shard_size: int = header["shard_size"]
-        self.num_shards: int = header["num_shards"]
         self.shards = shards
         self._owned = set(shards)
         self.sync = sync
-        self.geometry = from_spec(header.get("geometry"), self.param_dim)
         self.dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
 
