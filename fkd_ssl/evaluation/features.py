@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import load_model, model_identity, weights_digest
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, prepare_out_dir
 from ..fileio import atomic_path, write_text_atomic
 from ..models import IMAGENET_MEAN, IMAGENET_STD, NAMED_TEACHERS, Encoder, ModelSpec
 from ..progress import bar
@@ -271,10 +271,8 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
     feats = filled = todo = None
     if ctx.is_main:
         if folder is not None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"--cache-dir {folder.parent}: cannot create it ({e.strerror})") from e
+            prepare_out_dir(folder.parent, "--cache-dir")
+            folder.mkdir(exist_ok=True)
             feats, filled = _open_partial(folder, n, d, dtype)
         else:
             feats, filled = np.zeros((n, d), dtype=np.dtype(dtype)), np.zeros(n, dtype=np.bool_)
