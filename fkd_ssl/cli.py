@@ -54,6 +54,24 @@ def nonneg_float(flag: str):
     return _typed(float, 0.0, flag)
 
 
+def number_list(kind: type, flag: str, allow_empty: bool = False):
+    """argparse type: ``10,20,100`` -> a list (``none`` -> [] when allowed): integers >= 1 (sorted, distinct)
+    or finite numbers >= 0 (in order)."""
+    what, lo = ("integers", 1) if kind is int else ("numbers", 0)
+
+    def parse(text: str) -> list:
+        if allow_empty and text.strip().lower() in ("", "none"):
+            return []
+        try:
+            values = [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects comma-separated {what}, got {text!r}") from None
+        if not values or not all(math.isfinite(v) and v >= lo for v in values):
+            raise argparse.ArgumentTypeError(f"{flag} expects {what} >= {lo}, got {text!r}")
+        return sorted(set(values)) if kind is int else values
+    return parse
+
+
 def add_common_args(p: argparse.ArgumentParser, which: Iterable[str] = COMMON, **defaults) -> argparse.ArgumentParser:
     """Add the shared flags named in ``which``; ``defaults`` overrides their default values."""
     spec = {
@@ -146,6 +164,19 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     sys.exit(code or 0)
 
 
+def entry_points(module: str) -> tuple[Callable[[Sequence[str] | None], int], Callable[[], None]]:
+    """A command module's ``main(argv=None)`` (parse, the module's ``check(parser, args)`` if it has one, ``run``)
+    and ``console()`` (``main`` behind :func:`run_main`); both look the module's functions up when called."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        mod = sys.modules[module]
+        p = mod.build_parser()
+        args = p.parse_args(argv)
+        if hasattr(mod, "check"):
+            mod.check(p, args)
+        return mod.run(args)
+    return main, lambda: run_main(main)
+
+
 def git_sha() -> str:
     """The project's git commit (``+dirty`` if modified), or ``unknown`` outside a checkout."""
     root = Path(__file__).resolve().parent.parent
@@ -166,6 +197,12 @@ def default_run_dir(kind: str, data: str, *parts: str) -> Path:
     return Path("runs") / f"{kind}-{slug}"
 
 
+def print_config(config: dict) -> None:
+    """The ``config: {...}`` line a command prints before its work (with the git SHA unless ``config`` has one)."""
+    config = config if "git_sha" in config else {**config, "git_sha": git_sha()}
+    print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
+
+
 def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_main: bool = True) -> dict:
     """Print the resolved config and write ``config.json``; refuse a run folder made with other
     ``identity_keys`` values (the settings that define the run)."""
@@ -181,6 +218,6 @@ def save_run_config(out: Path, config: dict, identity_keys: Iterable[str], is_ma
             pairs = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
             raise ConfigError(f"--out {out} holds a run with other settings ({pairs}); use another --out")
     if is_main:
-        print("config: " + json.dumps(config, sort_keys=True, default=str), flush=True)
+        print_config(config)
         write_text_atomic(path, json.dumps(config, indent=1, sort_keys=True, default=str), fsync=False)  # reruns rewrite it
     return config

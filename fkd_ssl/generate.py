@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .data.datasets import IndexedDataset
 from .data.image_io import load_uint8
+from .data.sampler import group_loader
 from .progress import bar
 from .store import StoreWriter
 from .teacher import TeacherTargets
@@ -32,27 +33,18 @@ class ImageViews(NamedTuple):
     size: tuple[int, int] | None = None  # (height, width) of the image
 
 
-class GroupViews(Dataset):
-    """Item ``g`` -> a list of :class:`ImageViews`, one per image of group ``g``."""
-
-    def __init__(self, base: IndexedDataset, groups: list[np.ndarray], cfg: ViewConfig, seed: int, views: int):
-        self.base, self.groups, self.cfg, self.seed, self.views = base, groups, cfg, seed, views
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, g: int):
-        out = []
-        for i in self.groups[g]:
-            i = int(i)
-            img, err = load_uint8(self.base, i)
-            if img is None:
-                out.append(ImageViews(i, None, None, err))
-                continue
-            _, h, w = img.shape
-            params = sample_views(self.cfg, self.seed, i, range(self.views), h, w)
-            out.append(ImageViews(i, render_views(img, params, self.cfg), params, None, (h, w)))
-        return out
+def image_views(base: IndexedDataset, cfg: ViewConfig, seed: int, views: int, group) -> list[ImageViews]:
+    """The :class:`ImageViews` of every image of ``group`` (a list of indices)."""
+    out = []
+    for i in map(int, group):
+        img, err = load_uint8(base, i)
+        if img is None:
+            out.append(ImageViews(i, None, None, err))
+            continue
+        _, h, w = img.shape
+        params = sample_views(cfg, seed, i, range(views), h, w)
+        out.append(ImageViews(i, render_views(img, params, cfg), params, None, (h, w)))
+    return out
 
 
 def plan_groups(writer: StoreWriter, group: int) -> list[np.ndarray]:
@@ -91,10 +83,8 @@ def generate(teacher: TeacherTargets, base: IndexedDataset, writer: StoreWriter,
     """Compute and write every missing record of ``writer``'s shards; returns throughput."""
     R = writer.views_per_image
     groups = plan_groups(writer, group)
-    loader = DataLoader(GroupViews(base, groups, cfg, seed, R), batch_size=None, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers > 0 else None)
     cuda = device.type == "cuda"
+    loader = group_loader(partial(image_views, base, cfg, seed, R), groups, workers, pin_memory=cuda)
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     n_img = n_views = n_skip = 0
     t0 = time.time()

@@ -54,9 +54,7 @@ class TeacherTargets(nn.Module):
             raise ConfigError(f"--pool {pool}: the teacher {model.spec.arch} has no "
                               f"{'class token' if tokens == 0 else 'patch tokens (not a ViT)'}")
         self.pool = pool
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
         self.kind, self.temp, self.channels_last = kind, float(temp), channels_last
         self.trained_views: dict | None = None  # the view distribution the teacher was trained on, if known
 

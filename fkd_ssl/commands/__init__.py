@@ -1,7 +1,7 @@
 """Every entry point of the project, one module per command.
 
-A command module has ``build_parser()``, ``run(args)``, ``main(argv=None)`` (parse, check, run) and
-``console()`` (``main`` behind :func:`fkd_ssl.cli.run_main`); ``experiments/`` and ``eval/`` hold shims.
+A command module has ``build_parser()``, ``run(args)``, maybe ``check(parser, args)``, and ``main(argv=None)`` and
+``console()`` from :func:`fkd_ssl.cli.entry_points`; ``experiments/`` and ``eval/`` hold shims.
 """
 
 #: every command module; its console script is ``fkd-<name with dashes>`` (pyproject.toml)

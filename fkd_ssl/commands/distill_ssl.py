@@ -89,16 +89,13 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+def check(p, args) -> None:
     if args.online_replay and not args.online_teacher:
         p.error("--online-replay needs --online-teacher")
     if args.ssl != "none" and args.crops_per_image < 2:
         p.error(f"--ssl {args.ssl} needs --crops-per-image >= 2 (two views of each image)")
     if args.ssl != "none" and args.spread_steps:
         p.error(f"--ssl {args.ssl} needs the views of an image in one step: drop --spread-steps")
-    return run(args)
 
 
 def _mode(args) -> str:
@@ -157,5 +154,4 @@ def run(args) -> int:
     return 0
 
 
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)

@@ -7,9 +7,7 @@ command resumes; ``torchrun --standalone --nproc_per_node=N experiments/gen_labe
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -75,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         plan.check()
         provenance = {**default_provenance(), "teacher_ref": args.teacher, "teacher_file": model_identity(args.teacher)}
         if ctx.is_main:
-            print("config: " + json.dumps({**vars(args), "out": str(out), "world_size": ctx.world_size,
-                                           "git_sha": provenance["git_sha"]}, default=str), flush=True)
+            cli.print_config({**vars(args), "out": str(out), "world_size": ctx.world_size,
+                              "git_sha": provenance["git_sha"]})
         kw = dict(k=args.topk, input_size=args.input_size, shard_size=args.shard_size, provenance=provenance)
         if ctx.distributed:  # rank 0 creates or checks the store before the other ranks write
             with fdist.main_first(ctx):
@@ -99,9 +97,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)

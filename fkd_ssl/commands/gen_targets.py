@@ -6,22 +6,21 @@ Rerunning the same command resumes; another teacher, sampler, codec or dataset i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import cli
 from .. import dist as fdist
-from ..data import build_dataset, load_uint8
+from ..data import build_dataset
 from ..errors import ConfigError
-from ..generate import GroupViews, generate
+from ..generate import generate, image_views
 from ..store import StoreIdentity, StoreWriter, TargetStore, finalize, make_codec, owned_shards
 from ..store.geometry import ReplayGeometry
 from ..store.plan import StorePlan
 from ..store.layout import HEADER, num_shards
 from ..teacher import ENSEMBLE_MODES, POOLS, TARGET_KINDS, default_views, load_teachers
-from ..views import VIEW_PARAM_DIM, ViewConfig, render_views, sample_views
+from ..views import VIEW_PARAM_DIM, ViewConfig
 
 
 def build_parser():
@@ -76,12 +75,9 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+def check(p, args) -> None:
     if args.crop_min is not None and args.crop_min > 1:
         p.error(f"--crop-min must be <= 1, got {args.crop_min}")
-    return run(args)
 
 
 def _codec(args, teacher):
@@ -99,10 +95,9 @@ def _pq_sample(teacher, train_set, cfg, seed, R, device, max_views=8192) -> np.n
     """Teacher outputs on the first images' views: the deterministic sample PQ trains on."""
     outs, n = [], 0
     for i in range(len(train_set)):
-        img, _ = load_uint8(train_set, i)
-        if img is None:  # unreadable: gen_targets records it as skipped
+        views = image_views(train_set, cfg, seed, R, [i])[0].views
+        if views is None:  # unreadable: gen_targets records it as skipped
             continue
-        views = render_views(img, sample_views(cfg, seed, i, range(R), img.shape[1], img.shape[2]), cfg)
         outs.append(teacher(views.to(device)).cpu().numpy())
         n += len(views)
         if n >= max_views:
@@ -176,15 +171,14 @@ def _open_writer(args, out, identity, codec, teacher, train_set, views, ctx) -> 
                 codec.fit(_pq_sample(teacher, train_set, views, args.seed, args.views_per_image, ctx.device))
             StoreWriter.create_or_resume(out, identity, codec=codec, overwrite=args.overwrite, shards=[], **kw)
     if ctx.is_main:
-        print("config: " + json.dumps({**vars(args), "identity": identity.to_dict(), "git_sha": cli.git_sha()}, default=str),
-              flush=True)
+        cli.print_config({**vars(args), "identity": identity.to_dict()})
     shards = owned_shards(num_shards(len(train_set), args.shard_size), ctx.rank, ctx.world_size)
     return StoreWriter.create_or_resume(out, identity, codec=codec, shards=shards, **kw)
 
 
 def _plan(args, out, teacher, train_set, views, codec, device) -> StorePlan:
     def step(i):  # one image's views through the teacher, as generate() does
-        it = GroupViews(train_set, [np.array([i])], views, args.seed, args.views_per_image)[0][0]
+        it = image_views(train_set, views, args.seed, args.views_per_image, [i])[0]
         for c in range(0, 0 if it.views is None else len(it.views), args.batch_size):
             teacher(it.views[c:c + args.batch_size].to(device))
     return StorePlan.of(out, len(train_set), args.views_per_image, codec, teacher.dim, ReplayGeometry(
@@ -205,8 +199,7 @@ def _finish(out, stats, ctx) -> None:
 
 
 def run(args) -> int:
-    ctx = fdist.setup(args.device)
-    try:
+    with fdist.session(args.device) as ctx:
         args.teacher = args.teacher or [_default_teacher(args)]
         teacher, teacher_id = load_teachers(args.teacher, args.teacher_weights, args.ensemble, arch=args.arch,
                                             kind=args.target, temp=args.temp, device=ctx.device, pool=args.pool,
@@ -218,8 +211,8 @@ def run(args) -> int:
             train_set = build_dataset(args.data, args.split, args.data_root, verbose=ctx.is_main)
         views = _views(args, teacher, train_set)
         identity = StoreIdentity(teacher=teacher_id, views=views.to_dict(), seed=args.seed, group=args.group,
-                                   dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
-                                            "num_classes": train_set.num_classes})
+                                 dataset={"fingerprint": train_set.fingerprint(), "split": args.split,
+                                          "num_classes": train_set.num_classes})
         codec = _codec(args, teacher)
         plan = _plan(args, out, teacher, train_set, views, codec, ctx.device)
         if args.plan:
@@ -232,10 +225,7 @@ def run(args) -> int:
         writer.complete_owned()
         writer.close()
         _finish(out, stats, ctx)
-    finally:
-        fdist.cleanup()
     return 0
 
 
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)

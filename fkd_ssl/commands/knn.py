@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
 
-from ..cli import positive_float, positive_int, run_main
+from ..cli import entry_points, number_list, positive_float, positive_int
 from ..dist import session
 from ..errors import ConfigError
 from ..evaluation import commands as E
@@ -14,36 +13,17 @@ from ..evaluation import knn as knn_mod
 from ..evaluation.knn import DEFAULT_KS, DEFAULT_T
 
 
-def int_list(flag: str, allow_empty: bool = False):
-    """argparse type: ``10,20,100`` -> [10, 20, 100] (``none`` -> [] when allowed)."""
-    def parse(text: str) -> list[int]:
-        if allow_empty and text.strip().lower() in ("", "none"):
-            return []
-        try:
-            values = [int(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects comma-separated integers, got {text!r}") from None
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{flag} expects integers >= 1, got {text!r}")
-        return sorted(set(values))
-    return parse
-
-
 def build_parser():
     p = E.parser("kNN classification of frozen features (train split = bank, val split = queries).")
     g = p.add_argument_group("kNN")
-    g.add_argument("--k", type=int_list("--k", allow_empty=True), default=list(DEFAULT_KS),
+    g.add_argument("--k", type=number_list(int, "--k", allow_empty=True), default=list(DEFAULT_KS),
                    help="neighbour counts for the weighted vote (comma-separated, or none)")
-    g.add_argument("--majority-k", type=int_list("--majority-k", allow_empty=True), default=[1],
+    g.add_argument("--majority-k", type=number_list(int, "--majority-k", allow_empty=True), default=[1],
                    help="neighbour counts for the plain majority vote (1 = nearest neighbour; or none)")
     g.add_argument("--temperature", type=positive_float("--temperature"), default=DEFAULT_T,
                    help="T of the exp(sim / T) vote weights")
     g.add_argument("--query-chunk", type=positive_int("--query-chunk"), default=8192, help="queries per search call")
     return E.add_cache_and_output_args(p)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,5 +59,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-def console() -> None:
-    run_main(main)
+main, console = entry_points(__name__)

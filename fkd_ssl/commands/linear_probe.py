@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from typing import Sequence
 
-from ..cli import positive_float, positive_int, run_main
+from ..cli import entry_points, number_list, positive_float, positive_int
 from ..dist import session
 from ..errors import ConfigError
 from ..evaluation import commands as E
 from ..evaluation.probe import DEFAULT_WDS, fast_linear_probe
 
 
-def float_list(flag: str):
-    """argparse type: ``1e-4,1e-3`` -> [0.0001, 0.001] (all >= 0)."""
-    def parse(text: str) -> list[float]:
-        try:
-            values = [float(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} expects comma-separated numbers, got {text!r}") from None
-        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-            raise argparse.ArgumentTypeError(f"{flag} expects numbers >= 0, got {text!r}")
-        return values
-    return parse
-
-
 def build_parser():
     p = E.parser("Linear probe of frozen features (fast: logistic regression on cached features; "
                  "--full: augmented images, SGD, MoCo v3 style).")
     g = p.add_argument_group("fast probe")
-    g.add_argument("--wd", type=float_list("--wd"), default=None,
+    g.add_argument("--wd", type=number_list(float, "--wd"), default=None,
                    help="weight decays to sweep (default 1e-6,...,1e-1); with --full, the one SGD weight decay (default 0)")
     g.add_argument("--holdout", type=positive_float("--holdout"), default=0.1,
                    help="fraction of the train split held out to choose the weight decay")
@@ -45,14 +30,11 @@ def build_parser():
     return E.add_cache_and_output_args(p)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+def check(p, args) -> None:
     if args.holdout >= 1:
         p.error(f"--holdout must be < 1 (a fraction of the train split), got {args.holdout}")
     if args.export_classifier and (args.full or args.checkpoint.startswith("pixels") or args.features != "backbone"):
         p.error("--export-classifier needs the fast probe of a model's backbone features")
-    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,5 +93,4 @@ def _export(args, source, res, train, val) -> None:
     print(f"classifier (backbone + this probe) -> {path}", flush=True)
 
 
-def console() -> None:
-    run_main(main)
+main, console = entry_points(__name__)

@@ -45,14 +45,11 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
+def check(p, args) -> None:
     if args.crop_min > 1:
         p.error(f"--crop-min must be <= 1, got {args.crop_min}")
     if args.hue > 0.5 or args.gray_p > 1:
         p.error("--hue must be <= 0.5 and --gray-p <= 1")
-    return run(args)
 
 
 def _task(args, ctx):
@@ -90,5 +87,4 @@ def run(args) -> int:
     return 0
 
 
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
 
-from ..cli import parser, prepare_out_dir, run_main
+from ..cli import entry_points, parser, prepare_out_dir
 from ..errors import DataError
 from ..evaluation.commands import DEFAULT_RESULTS
 from ..evaluation.results import load_rows, render_markdown, render_png, write_csv
@@ -21,10 +20,6 @@ def build_parser():
     p.add_argument("--data", default=None, help="only rows whose --data contains this text")
     p.add_argument("--model", action="append", default=None, help="only models whose label contains this (repeatable)")
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,5 +43,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def console() -> None:
-    run_main(main)
+main, console = entry_points(__name__)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Sequence
+
+import numpy as np
 
 from .. import cli
 from ..store import TargetStore
@@ -64,11 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: argparse.Namespace, **extra) -> None:
-    print("config: " + json.dumps({**vars(args), **extra, "git_sha": cli.git_sha()}, sort_keys=True, default=str),
-          flush=True)
-
-
 def _import(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..interop.fkd_layout import import_fkd
@@ -78,7 +74,7 @@ def _import(args: argparse.Namespace) -> int:
     ds = build_dataset(args.data, args.split, args.data_root)
     views = ViewConfig(size=args.view_size, scale=(args.crop_min, args.crop_max), photometric=False,
                        interpolation="bicubic")
-    _config(args, out=str(out))
+    cli.print_config({**vars(args), "out": str(out)})
     r = import_fkd(args.folder, ds, out, num_classes=args.num_classes, mode=args.topk_mode, views=views,
                    shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite)
     store = TargetStore.open(out)
@@ -97,7 +93,7 @@ def _export(args: argparse.Namespace) -> int:
     split = args.split or (store.identity.dataset or {}).get("split") or "train"
     out = cli.prepare_out_dir(args.out or cli.default_run_dir("fkd-labels", args.data, Path(args.store).resolve().name))
     ds = build_dataset(args.data, split, args.data_root)
-    _config(args, split=split, out=str(out))
+    cli.print_config({**vars(args), "split": split, "out": str(out)})
     r = export_fkd(args.store, ds, out, k=args.topk, fp16=args.fp16, overwrite=args.overwrite)
     print(f"fkd labels: {out} ({r.files} files, {store.views_per_image} crops each, top {r.k}, "
           f"{'float16' if args.fp16 else 'float32'}; this run {r.written} files; train with "
@@ -109,8 +105,6 @@ def _replay(args: argparse.Namespace, store: TargetStore) -> None:
     """Re-run the teacher on ``--replay`` sampled views: a view agrees when its stored target is as close to
     the teacher's output now as the codec's own round trip of that output (cosine after removing the mean
     output of the sample, which a teacher's outputs often share; 0.01 slack)."""
-    import numpy as np
-
     from ..data import build_dataset, load_uint8
     from ..dist import resolve_device
     from ..errors import ConfigError, DataError
@@ -153,8 +147,6 @@ def _replay(args: argparse.Namespace, store: TargetStore) -> None:
 
 
 def _cos(a, b):
-    import numpy as np
-
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
@@ -176,9 +168,4 @@ def run(args: argparse.Namespace) -> int:
     return {"import-fkd": _import, "export-fkd": _export}.get(args.cmd, _verify_or_info)(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)

@@ -19,11 +19,11 @@ import torch
 from ..checkpoint import load_model, model_identity, weights_digest
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
-from ..errors import CheckpointError, ConfigError, DataError, writing
+from ..errors import CheckpointError, ConfigError, DataError, prepare_out_dir
 from ..fileio import atomic_path, write_text_atomic
 from ..models import IMAGENET_MEAN, IMAGENET_STD, NAMED_TEACHERS, Encoder, ModelSpec
 from ..progress import bar
-from ..store.layout import preallocate
+from ..store.layout import create_npy
 
 CACHE_VERSION = 1
 OUTPUTS = ("backbone", "head")
@@ -237,30 +237,10 @@ def _open_partial(folder: Path, n: int, d: int, dtype: str) -> tuple[np.memmap, 
             return feats, filled
     except (OSError, ValueError):
         pass
-    for p in (feats_path, filled_path, folder / "manifest.json"):
-        p.unlink(missing_ok=True)
-    with writing(filled_path):
-        filled = np.lib.format.open_memmap(filled_path, mode="w+", dtype=np.bool_, shape=(n,))
-    with writing(feats_path):
-        feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
-        with open(feats_path, "rb+") as f:
-            preallocate(f)
-    return feats, filled
-
-
-def _broadcast_indices(todo: np.ndarray | None, ctx: DistContext) -> np.ndarray:
-    """Rank 0's int64 index array on every rank."""
-    if not ctx.distributed:
-        assert todo is not None
-        return todo
-    import torch.distributed as dist
-
-    n = torch.tensor([0 if todo is None else len(todo)], dtype=torch.int64, device=ctx.device)
-    dist.broadcast(n, 0)
-    buf = (torch.from_numpy(todo).to(ctx.device) if ctx.is_main else
-           torch.empty(int(n.item()), dtype=torch.int64, device=ctx.device))
-    dist.broadcast(buf, 0)
-    return buf.cpu().numpy()
+    (folder / "manifest.json").unlink(missing_ok=True)
+    create_npy(filled_path, np.dtype(np.bool_), (n,))
+    create_npy(feats_path, np.dtype(dtype), (n, d))
+    return np.load(feats_path, mmap_mode="r+"), np.load(filled_path, mmap_mode="r+")
 
 
 def _loader(dataset: IndexedDataset, indices: np.ndarray, batch_size: int, workers: int, device: torch.device):
@@ -291,15 +271,13 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
     feats = filled = todo = None
     if ctx.is_main:
         if folder is not None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"--cache-dir {folder.parent}: cannot create it ({e.strerror})") from e
+            prepare_out_dir(folder.parent, "--cache-dir")
+            folder.mkdir(exist_ok=True)
             feats, filled = _open_partial(folder, n, d, dtype)
         else:
             feats, filled = np.zeros((n, d), dtype=np.dtype(dtype)), np.zeros(n, dtype=np.bool_)
         todo = np.flatnonzero(~filled).astype(np.int64)
-    todo = _broadcast_indices(todo, ctx)
+    todo = broadcast_object(todo)  # rank 0's indices on every rank
 
     mine = todo[ctx.rank::ctx.world_size]
     per_rank = -(-len(todo) // ctx.world_size)  # ceil: every rank runs the same number of steps

@@ -84,10 +84,8 @@ def knn_search(bank: np.ndarray, queries: np.ndarray, k: int, *, query_chunk: in
             if kk < k:  # pad a short last shard
                 s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
                 i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
-            if b0 == 0:
-                sims[q0:q0 + len(q)], idx[q0:q0 + len(q)] = s, i
-            else:
-                sims[q0:q0 + len(q)], idx[q0:q0 + len(q)] = _merge_topk(sims[q0:q0 + len(q)], idx[q0:q0 + len(q)], s, i, k)
+            rows = slice(q0, q0 + len(q))  # merged into the (-inf, -1) start, the first shard is itself
+            sims[rows], idx[rows] = _merge_topk(sims[rows], idx[rows], s, i, k)
         del index, shard
     return sims, idx
 

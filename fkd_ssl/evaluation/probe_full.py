@@ -56,8 +56,7 @@ def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: I
     torch.manual_seed(cfg.seed)
     source.to(ctx.device)
     if source.encoder is not None:
-        for p in source.encoder.parameters():
-            p.requires_grad_(False)
+        source.encoder.requires_grad_(False)
     layer = nn.Linear(source.feature_dim, num_classes)
     nn.init.normal_(layer.weight, std=0.01)
     nn.init.zeros_(layer.bias)

@@ -29,10 +29,8 @@ class MoCoObjective(nn.Module):
                  distributed: bool = False):
         super().__init__()
         from lightly.models.modules.memory_bank import MemoryBankModule
-        from lightly.models.utils import deactivate_requires_grad
 
-        self.momentum_encoder = copy.deepcopy(encoder)
-        deactivate_requires_grad(self.momentum_encoder)
+        self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.queue = MemoryBankModule(size=(queue_size, encoder.spec.head_out), gather_distributed=distributed,
                                       feature_dim_first=False)
         self.temperature, self.momentum = temperature, momentum

@@ -173,9 +173,7 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
     calls this, and rank 0 finalizes after a barrier.
     """
     device = torch.device(device)
-    model = model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
     shards = owned_shards(L.num_shards(len(dataset), shard_size), rank, world_size)
     writer = open_label_map_writer(model, dataset, path, k=k, input_size=input_size, shard_size=shard_size,
                                    overwrite=overwrite, shards=shards, provenance=provenance, device=device)

@@ -5,6 +5,8 @@ Shard files are memory-mapped lazily per process, so a store opened before ``for
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -15,30 +17,20 @@ from ..errors import ConfigError, DataError
 from . import layout as L
 from .codec_files import load_codec, referenced_files
 from .codecs import Codec
-from .geometry import from_spec
-from .identity import StoreIdentity
+from .identity import StoreShape
 
 
-class TargetStore:
+class TargetStore(StoreShape):
     """A finished store opened for reading (:meth:`open`): N, R, P, D, ``codec``, ``identity``, ``skipped``."""
 
     def __init__(self, path: Path, manifest: dict, codec: Codec):
-        self.path = path
+        super().__init__(path, manifest, codec)
         self.manifest = manifest
-        self.codec = codec
-        self.num_images: int = manifest["num_images"]
-        self.views_per_image: int = manifest["views_per_image"]
-        self.param_dim: int = manifest["param_dim"]
-        self.target_dim: int = manifest["target_dim"]
-        self.shard_size: int = manifest["shard_size"]
-        self.num_shards: int = manifest["num_shards"]
-        self.identity = StoreIdentity.from_dict(manifest["identity"])
         self.skipped_entries: list[dict] = list(manifest["skipped"])
         self.skipped: frozenset[int] = frozenset(int(e["index"]) for e in self.skipped_entries)
         self._skip_mask = np.zeros(self.num_images, dtype=bool)
         self._skip_mask[list(self.skipped)] = True
         self.dtype = L.record_dtype(self.param_dim, codec.fields(self.target_dim))
-        self.geometry = from_spec(manifest.get("geometry"), self.param_dim)
         self.stored_dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._fields = [n for n in self.dtype.names if n != L.PARAMS_FIELD]
         self._maps: dict[tuple[int, bool], np.memmap] = {}
@@ -154,9 +146,6 @@ class TargetStore:
     def digest(self) -> str:
         """16 hex digits of the store's identity and shard checksums: a regenerated store is another one
         (students record it so that rerunning a run against a new store is refused)."""
-        import hashlib
-        import json
-
         blob = json.dumps({"identity": self.manifest["identity"], "shards": self.manifest["shards"]}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -21,7 +21,7 @@ from . import layout as L
 from .codec_files import load_codec, referenced_files, save_codec_state
 from .codecs import Codec
 from .geometry import Geometry, default_geometry, from_spec
-from .identity import StoreIdentity
+from .identity import StoreIdentity, StoreShape
 
 
 def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
@@ -33,13 +33,9 @@ def owned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
 
 def default_provenance() -> dict:
     """The command line and git SHA of this process (stored in the header at creation)."""
-    try:
-        from ..cli import git_sha
+    from ..cli import git_sha
 
-        sha = git_sha()
-    except Exception:  # provenance is informative only
-        sha = "unknown"
-    return {"command": shlex.join(sys.argv), "git_sha": sha, "numpy": np.__version__}
+    return {"command": shlex.join(sys.argv), "git_sha": git_sha(), "numpy": np.__version__}
 
 
 def _log(path: Path, event: str, **extra) -> None:
@@ -67,24 +63,15 @@ class _Shard:
         self.records, self.done, self.images, self.skipped = records, done, images, skipped
 
 
-class StoreWriter:
+class StoreWriter(StoreShape):
     """Writes the shards it owns of one store.  Create with :meth:`create_or_resume`."""
 
     def __init__(self, path: Path, header: dict, codec: Codec, shards: list[int], sync: bool):
-        self.path = path
+        super().__init__(path, header, codec)
         self.header = header
-        self.identity = StoreIdentity.from_dict(header["identity"])
-        self.codec = codec
-        self.num_images: int = header["num_images"]
-        self.views_per_image: int = header["views_per_image"]
-        self.param_dim: int = header["param_dim"]
-        self.target_dim: int = header["target_dim"]
-        self.shard_size: int = header["shard_size"]
-        self.num_shards: int = header["num_shards"]
         self.shards = shards
         self._owned = set(shards)
         self.sync = sync
-        self.geometry = from_spec(header.get("geometry"), self.param_dim)
         self.dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
 
@@ -207,12 +194,14 @@ class StoreWriter:
         return (self.path / L.checksum_file(s)).exists()
 
     def _shard(self, s: int) -> _Shard:
-        """Open (creating on first use) the files of owned shard ``s``."""
+        """Open (creating on first use) the files of owned, not yet complete shard ``s``."""
         if s not in self._owned:
             raise ConfigError(f"shard {s} of store {self.path} is not owned by this writer (owns {len(self.shards)} shards)")
         sh = self._open.get(s)
         if sh is not None:
             return sh
+        if self.is_complete(s):
+            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
         start, stop = self._range(s)
         n, R = stop - start, self.views_per_image
         rec_p, done_p, skip_p, img_p = (self.path / f for f in (L.records_file(s), L.done_file(s), L.skipped_file(s),
@@ -224,10 +213,9 @@ class StoreWriter:
                 L.create_npy(img_p, img_dt, (n,))
             L.write_json_atomic(skip_p, [])
             L.create_npy(done_p, np.dtype(np.uint8), (n,))
-        mode = "r" if self.is_complete(s) else "r+"
-        records = L.open_npy(rec_p, mode, self.dtype, (n, R))
-        done = L.open_npy(done_p, mode, np.dtype(np.uint8), (n,))
-        images = L.open_npy(img_p, mode, img_dt, (n,)) if img_dt is not None else None
+        records = L.open_npy(rec_p, "r+", self.dtype, (n, R))
+        done = L.open_npy(done_p, "r+", np.dtype(np.uint8), (n,))
+        images = L.open_npy(img_p, "r+", img_dt, (n,)) if img_dt is not None else None
         entries = L.read_json(skip_p)
         sh = _Shard(records, done, images, {int(e["index"]): e for e in entries})
         self._open[s] = sh
@@ -308,8 +296,6 @@ class StoreWriter:
         shard_ids = idx // self.shard_size
         for s in np.unique(shard_ids):
             s = int(s)
-            if self.is_complete(s):
-                raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
             sh = self._shard(s)
             sel = np.nonzero(shard_ids == s)[0]
             local = idx[sel] - s * self.shard_size
@@ -335,8 +321,6 @@ class StoreWriter:
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} out of range 0..{self.num_images - 1}")
         s = index // self.shard_size
-        if self.is_complete(s):
-            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
         sh = self._shard(s)
         sh.skipped[index] = {"index": index, "path": str(path), "reason": " ".join(str(reason).split())}
         self._save_skipped(s, sh)  # the list first, then the flag
@@ -367,10 +351,7 @@ class StoreWriter:
                 raise DataError(f"store file {self.path / L.skipped_file(s)} lacks skipped images {sorted(lost)[:5]}")
             sh.skipped = {i: e for i, e in sh.skipped.items() if i in marked}
             self._save_skipped(s, sh)
-        for a in (sh.records, sh.done, sh.images):
-            if a is not None:
-                a.flush()
-        del self._open[s]
+        self._release(s)
         del sh
         start, stop = self._range(s)
         entry = {"shard": s, "start": start, "stop": stop,
@@ -384,14 +365,17 @@ class StoreWriter:
         for s in self.shards:
             self.complete_shard(s)
 
+    def _release(self, s: int) -> None:
+        """Flush and close the files of open shard ``s``."""
+        sh = self._open.pop(s)
+        for a in (sh.records, sh.done, sh.images):
+            if a is not None:
+                a.flush()
+
     def close(self) -> None:
         """Flush and release the open shard files (the writer can still be used after)."""
-        for sh in self._open.values():
-            if sh.records.mode != "r":
-                for a in (sh.records, sh.done, sh.images):
-                    if a is not None:
-                        a.flush()
-        self._open.clear()
+        for s in list(self._open):
+            self._release(s)
 
 
 def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.0) -> dict:
