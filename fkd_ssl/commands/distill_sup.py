@@ -96,13 +96,6 @@ def check(p, args) -> None:
         p.error("--targets store needs --store (a soft-label store from gen_targets.py with a classifier teacher)")
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    check(p, args)
-    return run(args)
-
-
 def training_data(args, train_set, ctx) -> TrainingData:
     """What ``--targets`` trains on; resolves --store and --input-size in ``args`` (also used by
     ``bench/bench_sup.py``)."""
@@ -152,5 +145,4 @@ def run(args) -> int:
     return 0
 
 
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)

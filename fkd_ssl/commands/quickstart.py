@@ -32,10 +32,6 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
 def _start(args, sizes: pipeline.Sizes, ctx) -> tuple[Path, dict]:
     """Check --data (before the output folder is touched), then create --out and its config."""
     with fdist.main_first(ctx):
@@ -71,5 +67,4 @@ def run(args) -> int:
     return 0
 
 
-def console() -> None:
-    cli.run_main(main)
+main, console = cli.entry_points(__name__)
