@@ -4,7 +4,9 @@
 both variants, each student trained by its own command with the same flags but
 ``--crops-per-image``: the same ``--epochs`` (views per image) and ``--batch-size`` (views per
 step), so every K sees the same number of views and optimizer steps; K only changes how many
-of them come from one decoded image (one pass over the images is K epochs).  Supervised: a
+of them come from one decoded image (one pass over the images is K epochs).  Each K > 1 runs in
+every layout of ``--spreads``: its K views in one step (FKD's loader) and spread over 4K steps
+(``--spread-steps``, the students' default).  Supervised: a
 classifier teacher trained here, its top-5 soft labels in a store, students judged by val
 top-1 of their own classifier.  Self-supervised: the ImageNet EfficientNet-Lite0 teacher's
 features in a store, students judged by kNN (k = 20).  Seconds per epoch = each run's training
@@ -92,26 +94,31 @@ def sup_rows(a, common: list[str], out: Path) -> list[dict]:
     _call(gen_targets.main, [*common, "--teacher", teacher / "model.safetensors", "--views-per-image", a.views,
                              "--out", store])
     rows = [{"variant": "sup", "K": "teacher", "acc": _last(teacher, "val_top1"), "s_per_epoch": None}]
-    for k in a.crops:
-        run = out / f"sup-k{k}-e{a.sup_epochs}-b{a.batch}-lr{a.sup_lr}-w{a.sup_warmup}"
+    for k, spread in _layouts(a):
+        run = out / f"sup-k{k}-s{spread}-e{a.sup_epochs}-b{a.batch}-lr{a.sup_lr}-w{a.sup_warmup}"
         _call(distill_sup.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.size,
-                                 "--crops-per-image", k, "--epochs", a.sup_epochs, "--batch-size", a.batch,
-                                 "--lr", a.sup_lr, "--warmup-epochs", a.sup_warmup, "--out", run])
-        rows.append({"variant": "sup", "K": k, "acc": _last(run, "val_top1"),
+                                 "--crops-per-image", k, "--spread-steps", spread, "--epochs", a.sup_epochs,
+                                 "--batch-size", a.batch, "--lr", a.sup_lr, "--warmup-epochs", a.sup_warmup, "--out", run])
+        rows.append({"variant": "sup", "K": k, "spread": spread, "acc": _last(run, "val_top1"),
                      "bn": bn_recalibrated_top1(run, a.data, a.data_root) if a.bn else None,
                      "s_per_epoch": _meta(run)["train_seconds"] / a.sup_epochs})
     return rows
 
 
+def _layouts(a) -> list[tuple[int, int]]:
+    """(K, --spread-steps) of every student: K = 1 once, each K > 1 in every layout of --spreads."""
+    return [(k, s * k) for k in a.crops for s in (a.spreads if k > 1 else [0])]
+
+
 def ssl_rows(a, common: list[str], out: Path) -> list[dict]:
     store = _effnet_store(a, common, out)
     rows = []
-    for k in a.crops:
-        run = out / f"ssl-k{k}-e{a.ssl_epochs}-b{a.batch}"
+    for k, spread in _layouts(a):
+        run = out / f"ssl-k{k}-s{spread}-e{a.ssl_epochs}-b{a.batch}"
         _call(distill_ssl.main, [*common, "--store", store, "--arch", a.arch, "--input-size", a.ssl_size,
-                                 "--crops-per-image", k, "--epochs", a.ssl_epochs, "--batch-size", a.batch,
-                                 "--out", run])
-        rows.append({"variant": "ssl", "K": k, "acc": _knn20(run, common),
+                                 "--crops-per-image", k, "--spread-steps", spread, "--epochs", a.ssl_epochs,
+                                 "--batch-size", a.batch, "--out", run])
+        rows.append({"variant": "ssl", "K": k, "spread": spread, "acc": _knn20(run, common),
                      "s_per_epoch": _meta(run)["train_seconds"] / a.ssl_epochs})
     return rows
 
@@ -165,15 +172,16 @@ def render_study(rows: list[dict]) -> str:
 
 def render(rows: list[dict], a) -> str:
     bn = any(r.get("bn") is not None for r in rows)
-    lines = ["| variant | K | accuracy | " + ("BN recomputed | " if bn else "") + "s / epoch | speed vs K = 1 |",
-             "|---|---|---|" + ("---|" if bn else "") + "---|---|"]
+    lines = ["| variant | K | views of an image | accuracy | " + ("BN recomputed | " if bn else "") +
+             "s / epoch | speed vs K = 1 |", "|---|---|---|---|" + ("---|" if bn else "") + "---|---|"]
     for r in rows:
         base = next((b for b in rows if b["variant"] == r["variant"] and b["K"] == 1), None)
         speed = (f"{base['s_per_epoch'] / r['s_per_epoch']:.2f}x" if base and r["s_per_epoch"] else "")
         sec = f"{r['s_per_epoch']:.2f}" if r["s_per_epoch"] else "—"
         what = "val top-1" if r["variant"] == "sup" else "kNN top-1"
         recal = (f"{r['bn']:.1f} | " if r.get("bn") is not None else "— | ") if bn else ""
-        lines.append(f"| {r['variant']} ({what}) | {r['K']} | {r['acc']:.1f} | {recal}{sec} | {speed} |")
+        where = ("—" if r["K"] in (1, "teacher") else f"over {r['spread']} steps" if r.get("spread") else "in one step")
+        lines.append(f"| {r['variant']} ({what}) | {r['K']} | {where} | {r['acc']:.1f} | {recal}{sec} | {speed} |")
     return "\n".join(lines)
 
 
@@ -188,14 +196,20 @@ def plot(rows: list[dict], path: Path) -> None:
         rs = [r for r in rows if r["variant"] == variant and r["K"] != "teacher"]
         if not rs:
             continue
-        ks = [r["K"] for r in rs]
-        ax.plot(ks, [r["acc"] for r in rs], "o-", color="C0", label="accuracy")
+        ks = sorted({r["K"] for r in rs})
+        for n, (spread, name) in enumerate(((False, "K views in one step"), (True, "spread over 4K steps"))):
+            line = [r for r in rs if r["K"] == 1 or bool(r.get("spread")) == spread]
+            if len(line) > 1:
+                ax.plot([r["K"] for r in line], [r["acc"] for r in line], "o-" if spread else "o:", color=f"C{2 * n}",
+                        label=f"accuracy, {name}")
+        ax.legend(fontsize=7, loc="lower left")
+        rs = [r for r in rs if r["K"] == 1 or r.get("spread")] or rs
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("crops per decoded image (K), equal views")
         ax.set_ylabel(label, color="C0")
         tw = ax.twinx()
-        tw.plot(ks, [r["s_per_epoch"] for r in rs], "s--", color="C1", label="s / epoch")
+        tw.plot([r["K"] for r in rs], [r["s_per_epoch"] for r in rs], "s--", color="C1", label="s / epoch")
         tw.set_ylabel("seconds per epoch", color="C1")
         tw.set_ylim(bottom=0)
         ax.set_title("supervised (soft labels)" if variant == "sup" else "self-supervised (features)")
@@ -210,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=Path("runs/bench-students"))
     p.add_argument("--crops", default="1,2,4,8", help="the K values (comma-separated)")
+    p.add_argument("--spreads", default="0,4", help="layouts of K > 1: an image's K views over S*K steps (0: one step)")
     p.add_argument("--variants", default="sup,ssl")
     p.add_argument("--arch", default="resnet10t")
     p.add_argument("--size", type=int, default=48, help="classifier teacher and supervised student side")
@@ -228,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--doc", type=Path, default=None, help="also write the table and plot here (docs/)")
     a = p.parse_args(argv)
     a.crops = [int(k) for k in a.crops.split(",")]
+    a.spreads = [int(s) for s in a.spreads.split(",")]
     common = ["--data", a.data, "--workers", a.workers, "--device", a.device, "--seed", 0]
     if a.data_root:
         common += ["--data-root", a.data_root]

@@ -98,9 +98,9 @@ def produce(root: Path, data_root: Path) -> dict:
     _run("experiments/gen_targets.py", *dr, "--data", TINY, "--device", "cpu", "--workers", "0", "--seed", "3",
          "--teacher", str(clf / "model.safetensors"), "--out", str(soft), "--views-per-image", "4", "--topk", "3")
     got["soft_store"] = _records_sha(soft)
-    # supervised student: views per image and views per step
+    # supervised student: views per image and views per step; K views in one step, the layout of the reference
     _run("experiments/distill_sup.py", *SMALL, *dr, "--out", str(sup), "--store", str(soft), "--input-size", "24",
-         "--epochs", "4", "--batch-size", "16", "--crops-per-image", "2", "--no-val")
+         "--epochs", "4", "--batch-size", "16", "--crops-per-image", "2", "--spread-steps", "0", "--no-val")
     got["distill_sup"] = {"loss": _losses(sup), "weights": _weights(sup)}
     _run("experiments/gen_label_map.py", *dr, "--data", TINY, "--device", "cpu", "--workers", "0",
          "--teacher", str(clf / "model.safetensors"), "--out", str(lmap), "--topk", "3")

@@ -55,8 +55,9 @@ def build_parser(description: str = __doc__):
     p.add_argument("--crops-per-image", type=cli.positive_int("--crops-per-image"), default=None,
                    help="K views of each decoded image per step (FKD's num_crops; default 4 for store/online, "
                         "1 for hard/relabel, the conventional pipelines)")
-    p.add_argument("--spread-steps", type=cli.nonneg_int("--spread-steps"), default=0, metavar="N",
-                   help="spread each decoded image's K views over N steps (a multiple of K) instead of one step")
+    p.add_argument("--spread-steps", type=cli.nonneg_int("--spread-steps"), default=None, metavar="N",
+                   help="spread each decoded image's K views over N steps, a multiple of K (default 4K; 0: all K "
+                        "in one step, as FKD does; docs/distill.md 'Crops per image')")
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the store's / teacher's view size, else 64)")
@@ -81,6 +82,8 @@ def check(p, args) -> None:
     mode = args.targets
     if args.crops_per_image is None:
         args.crops_per_image = 4 if mode in ("store", "online") else 1
+    if args.spread_steps is None:
+        args.spread_steps = 4 * args.crops_per_image if args.crops_per_image > 1 else 0
     check_budget(args, args.crops_per_image)
     if mode == "online" and not args.teacher:
         p.error("--targets online needs --teacher")

@@ -5,8 +5,8 @@ shipped by a PyPI package fills a target store; the FKD student trains from it (
 training time) beside the online-teacher student and the student trained by MoCo alone; the
 supervised variant's teacher is the same network with a linear probe fitted on the train labels as
 its classifier; it stores that teacher's soft labels and ReLabel map, and trains FKD, plain-label and
-ReLabel students; K = 4 crops per decoded image in both variants (the supervised FKD student spreads
-an image's K views over 16 steps).
+ReLabel students; K = 4 crops per decoded image in both variants (the supervised students spread an
+image's K views over 4K steps, distill_sup's default).
 Every model is then judged by kNN and a linear probe.  Ends with a table, the claims each
 judged on it, a figure (accuracy vs training time) and ``report.md`` in ``--out``.  Each stage
 prints the command that reproduces it; rerunning resumes (finished stages are skipped).
