@@ -203,12 +203,14 @@ def test_fkd_online_and_hard_students(tmp_path, data_root, soft_store, classifie
     assert meta["method"] == "plain" and meta["crops_per_image"] == 1 and meta["epochs"] == 2
 
 
-def test_interrupted_student_resumes_to_the_uninterrupted_result(tmp_path, data_root, soft_store):
+@pytest.mark.parametrize("spread, stopped_at", [("0", 1), ("16", 16)])  # 16 = 4K, the default
+def test_interrupted_student_resumes_to_the_uninterrupted_result(tmp_path, data_root, soft_store, spread, stopped_at):
+    """A time-limited run stops after a step (with views spread over N steps: at the next multiple of N)."""
     script = _load_script("distill_sup")
-    common = ("--store", str(soft_store), "--epochs", "4", "--mixup", "0.5", "--no-val")
+    common = ("--store", str(soft_store), "--epochs", "4", "--mixup", "0.5", "--no-val", "--spread-steps", spread)
     assert script.main(_sup(data_root, tmp_path / "a", *common)) == 0
     assert script.main(_sup(data_root, tmp_path / "b", *common, "--max-minutes", "1e-9")) == 0
-    assert json.loads((tmp_path / "b" / "model.json").read_text())["steps"] == 1
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["steps"] == stopped_at
     assert script.main(_sup(data_root, tmp_path / "b", *common)) == 0
     a, _ = load_model(tmp_path / "a" / "model.safetensors")
     b, _ = load_model(tmp_path / "b" / "model.safetensors")
