@@ -101,31 +101,37 @@ def _crop_box(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
-    """Parameters of view ``slot`` of image ``image``: a pure function of ``(seed, image, slot)`` and the size."""
-    rng = np.random.default_rng([int(seed), int(image), int(slot)])
-    p = np.zeros(VIEW_PARAM_DIM, dtype=np.float32)
+def _draws(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig) -> list[float]:
+    """One view's parameters (:data:`PARAM_FIELDS` order, trailing zeros left out), drawn from ``rng``."""
     top, left, h, w = _crop_box(rng, height, width, cfg)
-    p[0:4] = (top / height, left / width, h / height, w / width)
-    p[_IDX["flip"]] = float(rng.random() < cfg.hflip)
+    out = [top / height, left / width, h / height, w / width, float(rng.random() < cfg.hflip)]
     if cfg.photometric:
         if rng.random() < cfg.jitter_p:
-            p[_IDX["jitter"]] = 1.0
-            p[_IDX["brightness"]] = rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
-            p[_IDX["contrast"]] = rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
-            p[_IDX["saturation"]] = rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
-            p[_IDX["hue"]] = rng.uniform(-cfg.hue, cfg.hue)
-            p[_IDX["order"]] = float(rng.integers(len(_ORDERS)))
-        p[_IDX["gray"]] = float(rng.random() < cfg.gray_p)
-        if rng.random() < cfg.blur_p:
-            p[_IDX["blur_sigma"]] = rng.uniform(*cfg.blur_sigma)
-        p[_IDX["solarize"]] = float(rng.random() < cfg.solarize_p)
-    return p
+            out += [1.0, rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
+                    rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
+                    rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
+                    rng.uniform(-cfg.hue, cfg.hue), float(rng.integers(len(_ORDERS)))]
+        else:
+            out += [0.0] * 6
+        out.append(float(rng.random() < cfg.gray_p))
+        out.append(rng.uniform(*cfg.blur_sigma) if rng.random() < cfg.blur_p else 0.0)
+        out.append(float(rng.random() < cfg.solarize_p))
+    return out
 
 
 def sample_views(cfg: ViewConfig, seed: int, image: int, slots, height: int, width: int) -> np.ndarray:
-    """Parameters of several slots of one image: ``(len(slots), VIEW_PARAM_DIM)`` float32."""
-    return np.stack([sample_view(cfg, seed, image, r, height, width) for r in slots])
+    """Parameters of views ``slots`` of image ``image``, ``(len(slots), VIEW_PARAM_DIM)`` float32: each a pure
+    function of ``(seed, image, slot)`` and the image size."""
+    out = np.zeros((len(slots), VIEW_PARAM_DIM), dtype=np.float32)
+    for row, slot in zip(out, slots):
+        vals = _draws(np.random.default_rng([int(seed), int(image), int(slot)]), height, width, cfg)
+        row[:len(vals)] = vals
+    return out
+
+
+def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
+    """Parameters of view ``slot`` of image ``image`` (:func:`sample_views` of one slot)."""
+    return sample_views(cfg, seed, image, [slot], height, width)[0]
 
 
 # ----------------------------------------------------------------------------- replay
