@@ -329,7 +329,7 @@ def main() -> None:
     p.add_argument("--jpegs", type=int, default=200, help="(b) generated JPEGs")
     p.add_argument("--size", type=int, default=224, help="(b) output view side")
     p.add_argument("--seconds", type=float, default=3.0, help="(b) CPU seconds per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="(b) interleaved rounds the seconds are split into")
+    p.add_argument("--rounds", type=int, default=5, help="(b) interleaved rounds the seconds are split into")
     args = p.parse_args()
     if args.threads is None and args.device == "cpu":
         args.threads = 1
