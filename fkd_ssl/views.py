@@ -193,9 +193,7 @@ def render_views(img: torch.Tensor, params: np.ndarray, cfg: ViewConfig) -> torc
         np.copyto(view.numpy(), src)
         if p[_IDX["flip"]] > 0.5:
             view.copy_(view.flip(-1))
-        done = _photometric(view, p, cfg)
-        if done is not view:
-            view.copy_(done)
+        view.copy_(_photometric(view, p, cfg))  # a no-op without photometric ops (copy_ of itself)
     return out
 
 
