@@ -7,10 +7,12 @@
       * random constant targets and fresh views (no store, no teacher: the upper bound),
     so ``store / online`` is FKD's speed-up and ``store / constant`` what reading the store
     costs.  The teacher has >= 4x the student's FLOPs (both printed, via count_flops).
-(b) ``load``: data-loading views/s of one process on ImageNet-sized JPEGs (~500x375, generated
-    in a temp folder): the plain torchvision ImageFolder + RandomResizedCrop + flip pipeline
-    (one decode per view) against ReplayDataset with K = 1, 2, 4, 8 views per decoded image,
-    plus PIL draft (reduced-size JPEG decoding) and the photometric (MoCo v2) variant.
+(b) ``load``: data-loading views per CPU second of one process (1 thread; ``time.process_time``, so
+    other jobs on a shared machine do not count) on ImageNet-sized JPEGs (~500x375, generated in a
+    temp folder): the plain torchvision ImageFolder + RandomResizedCrop + flip pipeline (one decode
+    per view) against ReplayDataset with K = 1, 2, 4, 8 views per decoded image, plus PIL draft
+    (reduced-size JPEG decoding), a store whose views are recomputed when read (gen_targets.py's)
+    and the photometric (MoCo v2) variant.
 (c) ``smoke`` (only when asked): every loss, SSL term and target source through the engine for
     two short epochs on ``--device`` (on CUDA: the AMP / channels_last paths CPU tests miss).
 
@@ -152,13 +154,39 @@ def bench_train(args) -> dict:
 
 
 def _rate(fn, n_items: int, views_per_item: int, seconds: float) -> float:
-    """Views/s of calling ``fn(j)`` for j = 0, 1, ... (cycling over n_items) for ~``seconds``."""
+    """Views per CPU second of this process (``time.process_time``: other jobs on a shared machine do not count)
+    of calling ``fn(j)`` for j = 0, 1, ... (cycling over n_items) for ~``seconds`` of CPU time."""
     fn(0)
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    done, t0 = 0, time.process_time()
+    while time.process_time() - t0 < seconds:
         fn(done % n_items)
         done += 1
-    return done * views_per_item / (time.perf_counter() - t0)
+    return done * views_per_item / (time.process_time() - t0)
+
+
+def _load_store(path: Path, ds, cfg: ViewConfig, replay: bool):
+    """A store of ``ds``'s images x 8 views of ``cfg``, random targets; its geometry recomputed when read
+    (``replay``, as gen_targets.py writes) or stored (the writer's default)."""
+    from PIL import Image
+
+    from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec
+    from fkd_ssl.store.geometry import ReplayGeometry
+
+    R = 8
+    w = StoreWriter.create_or_resume(path, {"views": cfg.to_dict(), "dataset": {"fingerprint": ds.fingerprint()}},
+                                     num_images=len(ds), views_per_image=R, param_dim=VIEW_PARAM_DIM, target_dim=128,
+                                     codec=make_codec("fp16"), shard_size=4096, sync=False,
+                                     geometry=ReplayGeometry(VIEW_PARAM_DIM, cfg.to_dict(), 0) if replay else None)
+    rng = np.random.default_rng(0)
+    for i in range(len(ds)):
+        with Image.open(ds.path(i)) as im:
+            W, H = im.size
+        w.write(np.array([i]), sample_views(cfg, 0, i, range(R), H, W)[None],
+                rng.standard_normal((1, R, 128)).astype(np.float32), sizes=np.array([[H, W]]))
+    w.complete_owned()
+    w.close()
+    finalize(path)
+    return TargetStore.open(path)
 
 
 def bench_load(args) -> dict:
@@ -167,7 +195,6 @@ def bench_load(args) -> dict:
 
     from fkd_ssl.data.datasets import ImageFolderDataset
     from fkd_ssl.replay import ReplayDataset, StoreViews
-    from fkd_ssl.store import StoreWriter, TargetStore, finalize, make_codec
 
     torch.set_num_threads(1)
     tmp = _tmpdir("bench_load_")
@@ -181,47 +208,34 @@ def bench_load(args) -> dict:
             ops += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
                     T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.5)]
         plain = ImageFolder(str(tmp / "jpegs"), transform=T.Compose(ops + [T.PILToTensor()]))
-        base = _rate(lambda j: plain[j], len(plain), 1, args.seconds)
-        results[f"{tag}/plain"] = base
-        print(f"(b) {tag:8s} plain ImageFolder+RandomResizedCrop ({size}px, uint8 PILToTensor): {base:7.0f} views/s",
-              flush=True)
+        runs = {"plain": ("plain ImageFolder+RandomResizedCrop (uint8 PILToTensor)", lambda j, d=plain: d[j], 1)}
         if not photometric:  # the usual recipe converts and normalises every view in the loader
             usual = ImageFolder(str(tmp / "jpegs"), transform=T.Compose(
                 ops + [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
-            results[f"{tag}/plain-float"] = _rate(lambda j: usual[j], len(usual), 1, args.seconds)
-            print(f"(b) {tag:8s} plain ImageFolder+RandomResizedCrop ({size}px, ToTensor+Normalize): "
-                  f"{results[f'{tag}/plain-float']:7.0f} views/s", flush=True)
-
+            runs["plain-float"] = ("plain ImageFolder+RandomResizedCrop (ToTensor+Normalize)", lambda j, d=usual: d[j], 1)
         ds = ImageFolderDataset(tmp / "jpegs", "train")
         cfg = ViewConfig(size=size, photometric=photometric)
-        path = tmp / f"store-{tag}"
-        R = 8
-        w = StoreWriter.create_or_resume(path, {"views": cfg.to_dict(), "dataset": {"fingerprint": ds.fingerprint()}},
-                                         num_images=len(ds), views_per_image=R, param_dim=VIEW_PARAM_DIM,
-                                         target_dim=128, codec=make_codec("fp16"), shard_size=4096, sync=False)
-        rng = np.random.default_rng(0)
-        for i in range(len(ds)):
-            from PIL import Image
-
-            with Image.open(ds.path(i)) as im:
-                W, H = im.size
-            w.write(np.array([i]), sample_views(cfg, 0, i, range(R), H, W)[None],
-                    rng.standard_normal((1, R, 128)).astype(np.float32))
-        w.complete_owned()
-        w.close()
-        finalize(path)
-        store = TargetStore.open(path)
-        for fast in (False, True):
-            for k in (1, 2, 4, 8):
-                data = ReplayDataset(ds, StoreViews(store, k, 0), cfg, size, fast_decode=fast)
-                v = _rate(lambda j: data[(j, 0)], len(ds), k, args.seconds)
-                name = f"{tag}/K={k}" + ("+draft" if fast else "")
-                results[name] = v
-                print(f"(b) {tag:8s} replay K={k}{' +draft' if fast else '       '}: {v:7.0f} views/s = "
-                      f"{v / base:4.2f}x plain", flush=True)
-    print(f"(b) at K=4: {results['geometry/K=4'] / results['geometry/plain']:.2f}x plain uint8 / "
-          f"{results['geometry/K=4'] / results['geometry/plain-float']:.2f}x plain float (geometry), "
-          f"{results['moco-v2/K=4'] / results['moco-v2/plain']:.2f}x plain (MoCo v2 photometric); goal >= 3x")
+        store = _load_store(tmp / f"store-{tag}", ds, cfg, replay=False)
+        stores = [(store, k, fast, f"K={k}" + ("+draft" if fast else "")) for fast in (False, True) for k in (1, 2, 4, 8)]
+        stores.append((_load_store(tmp / f"replay-{tag}", ds, cfg, replay=True), 4, False, "K=4 recomputed"))
+        for st, k, fast, name in stores:
+            data = ReplayDataset(ds, StoreViews(st, k, 0), cfg, size, fast_decode=fast)
+            label = f"replay K={k}" + (" +draft" if fast else "") + (", views recomputed (gen_targets.py's store)"
+                                                                    if st is not store else "")
+            runs[name] = (label, lambda j, d=data: d[(j, 0)], k)
+        rates = {name: [] for name in runs}
+        for _ in range(args.rounds):  # interleaved, so that a load change on a shared machine hits every run alike
+            for name, (_, fn, per) in runs.items():
+                rates[name].append(_rate(fn, len(ds), per, args.seconds / args.rounds))
+        print(f"(b) {tag} at {size} px: views per CPU second, median of {args.rounds} interleaved rounds; "
+              f"x = median over rounds of this / plain uint8", flush=True)
+        for name, (label, _, _) in runs.items():
+            v, x = np.median(rates[name]), np.median(np.array(rates[name]) / np.array(rates["plain"]))
+            results[f"{tag}/{name}"], results[f"{tag}/{name}/x"] = float(v), float(x)
+            print(f"(b)   {label:66s} {v:7.0f} views/s = {x:4.2f}x", flush=True)
+    print(f"(b) at K=4: {results['geometry/K=4/x']:.2f}x plain uint8 ({results['geometry/K=4 recomputed/x']:.2f}x "
+          f"with views recomputed) / {results['geometry/K=4/x'] / results['geometry/plain-float/x']:.2f}x plain float "
+          f"(geometry), {results['moco-v2/K=4/x']:.2f}x plain (MoCo v2 photometric); goal >= 3x")
     return results
 
 
@@ -314,7 +328,8 @@ def main() -> None:
                         "busy machine slows small models down many times; torch's default on CUDA)")
     p.add_argument("--jpegs", type=int, default=200, help="(b) generated JPEGs")
     p.add_argument("--size", type=int, default=224, help="(b) output view side")
-    p.add_argument("--seconds", type=float, default=3.0, help="(b) time per measurement")
+    p.add_argument("--seconds", type=float, default=3.0, help="(b) CPU seconds per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="(b) interleaved rounds the seconds are split into")
     args = p.parse_args()
     if args.threads is None and args.device == "cpu":
         args.threads = 1

@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .data.image_io import read_uint8
 from .errors import ConfigError
-from .views import PARAM_FIELDS, ViewConfig, render_view, sample_views
+from .views import PARAM_FIELDS, ViewConfig, render_views, sample_views
 
 _SIGMA = PARAM_FIELDS.index("blur_sigma")
 #: fresh (online) views use slots from here on, so they never coincide with stored ones
@@ -155,13 +155,9 @@ class ReplayDataset(Dataset):
                                                          self.teacher_cfg.size if self.render_teacher else 0))
         student_params = params.copy()
         student_params[:, _SIGMA] *= self.sigma_scale
-        views = []
-        for v in range(self.k):
-            view = render_view(img, student_params[v], self.student_cfg)
-            if self.extra_aug:
-                view = _extra_augment(view, np.random.default_rng([self.seed, i, epoch, int(slots[v]), 0xE7A]))
-            views.append(view)
-        tviews = (torch.stack([render_view(img, p, self.teacher_cfg) for p in params]) if self.render_teacher
-                  else torch.zeros(0, dtype=torch.uint8))
+        views = render_views(img, student_params, self.student_cfg)
+        for v in range(self.k if self.extra_aug else 0):
+            views[v] = _extra_augment(views[v], np.random.default_rng([self.seed, i, epoch, int(slots[v]), 0xE7A]))
+        tviews = render_views(img, params, self.teacher_cfg) if self.render_teacher else torch.zeros(0, dtype=torch.uint8)
         t = torch.from_numpy(targets) if targets is not None else torch.zeros(self.k, 0)
-        return ReplayBatch(torch.stack(views), t, i, torch.from_numpy(slots), tviews)
+        return ReplayBatch(views, t, i, torch.from_numpy(slots), tviews)

@@ -8,6 +8,7 @@ MoCo v2's with every random draw explicit (docs/distill.md).
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import asdict, dataclass
 from itertools import permutations
 from typing import NamedTuple
@@ -27,6 +28,10 @@ _IDX = {name: k for k, name in enumerate(PARAM_FIELDS)}
 _ORDERS = list(permutations(range(4)))  # 24 orders of (brightness, contrast, saturation, hue)
 _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
            "nearest": InterpolationMode.NEAREST}
+#: modes F.resize hands to torch's interpolate as uint8 on this CPU (torchvision's rule); called directly, they skip
+#: F.resize's checks (a fifth of a 224 px resize)
+_NATIVE_UINT8 = {"nearest", "bicubic"} | ({"bilinear"} if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                                          or platform.machine() in ("aarch64", "arm64") else set())
 
 
 @dataclass(frozen=True)
@@ -96,31 +101,37 @@ def _crop_box(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
-    """Parameters of view ``slot`` of image ``image``: a pure function of ``(seed, image, slot)`` and the size."""
-    rng = np.random.default_rng([int(seed), int(image), int(slot)])
-    p = np.zeros(VIEW_PARAM_DIM, dtype=np.float32)
+def _draws(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig) -> list[float]:
+    """One view's parameters (:data:`PARAM_FIELDS` order, trailing zeros left out), drawn from ``rng``."""
     top, left, h, w = _crop_box(rng, height, width, cfg)
-    p[0:4] = (top / height, left / width, h / height, w / width)
-    p[_IDX["flip"]] = float(rng.random() < cfg.hflip)
+    out = [top / height, left / width, h / height, w / width, float(rng.random() < cfg.hflip)]
     if cfg.photometric:
         if rng.random() < cfg.jitter_p:
-            p[_IDX["jitter"]] = 1.0
-            p[_IDX["brightness"]] = rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
-            p[_IDX["contrast"]] = rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
-            p[_IDX["saturation"]] = rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
-            p[_IDX["hue"]] = rng.uniform(-cfg.hue, cfg.hue)
-            p[_IDX["order"]] = float(rng.integers(len(_ORDERS)))
-        p[_IDX["gray"]] = float(rng.random() < cfg.gray_p)
-        if rng.random() < cfg.blur_p:
-            p[_IDX["blur_sigma"]] = rng.uniform(*cfg.blur_sigma)
-        p[_IDX["solarize"]] = float(rng.random() < cfg.solarize_p)
-    return p
+            out += [1.0, rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
+                    rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast),
+                    rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation),
+                    rng.uniform(-cfg.hue, cfg.hue), float(rng.integers(len(_ORDERS)))]
+        else:
+            out += [0.0] * 6
+        out.append(float(rng.random() < cfg.gray_p))
+        out.append(rng.uniform(*cfg.blur_sigma) if rng.random() < cfg.blur_p else 0.0)
+        out.append(float(rng.random() < cfg.solarize_p))
+    return out
 
 
 def sample_views(cfg: ViewConfig, seed: int, image: int, slots, height: int, width: int) -> np.ndarray:
-    """Parameters of several slots of one image: ``(len(slots), VIEW_PARAM_DIM)`` float32."""
-    return np.stack([sample_view(cfg, seed, image, r, height, width) for r in slots])
+    """Parameters of views ``slots`` of image ``image``, ``(len(slots), VIEW_PARAM_DIM)`` float32: each a pure
+    function of ``(seed, image, slot)`` and the image size."""
+    out = np.zeros((len(slots), VIEW_PARAM_DIM), dtype=np.float32)
+    for row, slot in zip(out, slots):
+        vals = _draws(np.random.default_rng([int(seed), int(image), int(slot)]), height, width, cfg)
+        row[:len(vals)] = vals
+    return out
+
+
+def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
+    """Parameters of view ``slot`` of image ``image`` (:func:`sample_views` of one slot)."""
+    return sample_views(cfg, seed, image, [slot], height, width)[0]
 
 
 # ----------------------------------------------------------------------------- replay
@@ -135,14 +146,8 @@ def crop_pixels(p: np.ndarray, height: int, width: int) -> tuple[int, int, int, 
     return top, left, min(h, height - top), min(w, width - left)
 
 
-def render_view(img: torch.Tensor, p: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
-    """Replay one view: uint8 ``(3, H, W)`` image + parameters -> uint8 ``(3, S, S)`` view."""
-    _, height, width = img.shape
-    top, left, h, w = crop_pixels(p, height, width)
-    out = F.resized_crop(img, top, left, h, w, [cfg.size, cfg.size], interpolation=_INTERP[cfg.interpolation],
-                         antialias=True)
-    if p[_IDX["flip"]] > 0.5:
-        out = F.horizontal_flip(out)
+def _photometric(out: torch.Tensor, p: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
+    """The view's colour jitter, grayscale, blur and solarize on uint8 ``(3, S, S)`` (``out`` itself if none)."""
     if p[_IDX["jitter"]] > 0.5:
         ops = (
             lambda t: F.adjust_brightness(t, float(p[_IDX["brightness"]])),
@@ -160,12 +165,41 @@ def render_view(img: torch.Tensor, p: np.ndarray, cfg: ViewConfig) -> torch.Tens
         out = F.gaussian_blur(out, [k, k], [sigma, sigma])
     if p[_IDX["solarize"]] > 0.5:
         out = F.solarize(out, 128)
-    return out.contiguous()
+    return out
+
+
+def _resize(crop: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
+    """``F.resize(crop, S, antialias=True)`` for uint8 ``(1, 3, h, w)``, the same pixels by the shortest path."""
+    mode, size = cfg.interpolation, [cfg.size, cfg.size]
+    if mode not in _NATIVE_UINT8:
+        return F.resize(crop, size, interpolation=_INTERP[mode], antialias=True)
+    exact = mode == "nearest"
+    return torch.nn.functional.interpolate(crop, size, mode=mode, align_corners=None if exact else False, antialias=not exact)
 
 
 def render_views(img: torch.Tensor, params: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
-    """Replay several views of one decoded image: ``(V, P)`` params -> uint8 ``(V, 3, S, S)``."""
-    return torch.stack([render_view(img, p, cfg) for p in params])
+    """Replay views of one decoded image: uint8 ``(3, H, W)`` + ``(V, P)`` params -> uint8 ``(V, 3, S, S)``.
+
+    Each crop is resized in channels-last memory (the native uint8 kernels' own layout, so they neither
+    repack nor copy) and moved to ``(3, S, S)`` by numpy (twice torch's speed at it); pixels are those of
+    ``F.resized_crop`` + ``F.horizontal_flip`` (tests/test_views.py)."""
+    _, height, width = img.shape
+    out = torch.empty((len(params), 3, cfg.size, cfg.size), dtype=torch.uint8)
+    for v, p in enumerate(params):
+        top, left, h, w = crop_pixels(p, height, width)
+        crop = img[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
+        src = _resize(crop, cfg)[0].numpy()
+        view = out[v]
+        np.copyto(view.numpy(), src)
+        if p[_IDX["flip"]] > 0.5:
+            view.copy_(view.flip(-1))
+        view.copy_(_photometric(view, p, cfg))  # a no-op without photometric ops (copy_ of itself)
+    return out
+
+
+def render_view(img: torch.Tensor, p: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
+    """Replay one view: uint8 ``(3, H, W)`` image + parameters -> uint8 ``(3, S, S)`` view."""
+    return render_views(img, np.asarray(p)[None], cfg)[0]
 
 
 def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fkd_ssl.data.sampler import EpochBatchSampler
-from fkd_ssl.views import PARAM_FIELDS, RandomViewsDataset, ViewConfig, crop_pixels, render_view, sample_view, sample_views
+from fkd_ssl.views import (PARAM_FIELDS, RandomViewsDataset, ViewConfig, crop_pixels, render_view, render_views, sample_view,
+                           sample_views)
 
 
 def test_sampling_is_a_pure_function():
@@ -44,6 +45,26 @@ def test_replay_is_bit_identical_and_photometric_changes_pixels():
     geo = p.copy()
     geo[5:] = 0
     assert not torch.equal(v1, render_view(img, geo, cfg))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_rendering_equals_torchvision_resized_crop_and_flip(interpolation):
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(1)
+    hwc = torch.randint(0, 256, (90, 130, 3), dtype=torch.uint8, generator=g)
+    cfg = ViewConfig(size=33, scale=(0.05, 1.0), photometric=False, interpolation=interpolation)
+    p = sample_views(cfg, 0, 0, range(12), 90, 130)
+    p[0, :4], p[1, :4] = (0, 0, 1, 1), (0, 0, 33 / 90, 33 / 130)  # the whole image; a crop of the output's size
+    for img in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):  # as decoded; channels-first
+        want = []
+        for row in p:
+            v = TF.resized_crop(img, *crop_pixels(row, 90, 130), [33, 33], interpolation=TF.InterpolationMode(interpolation),
+                                antialias=True)
+            want.append(TF.horizontal_flip(v) if row[4] > 0.5 else v)
+        got = render_views(img, p, cfg)
+        assert got.is_contiguous() and torch.equal(got, torch.stack(want))
+        assert torch.equal(render_view(img, p[3], cfg), want[3])
 
 
 def test_random_views_dataset_new_views_each_epoch(data_root):

@@ -58,11 +58,10 @@ class FixedGeometry(Geometry):
         return {"box": box}, None
 
     def decode(self, raw, i, r, images):
-        box = np.asarray(raw["box"], dtype=np.uint64)
-        out = np.zeros(box.shape + (self.param_dim,), dtype=np.float32)
-        for k in range(4):
-            out[..., k] = ((box >> np.uint64(k * _BITS)) & np.uint64(_FIX)).astype(np.float64) / _FIX
-        out[..., 4] = (box >> np.uint64(4 * _BITS)).astype(np.float32)
+        fields = np.asarray(raw["box"], dtype=np.uint64)[..., None] >> (np.arange(5, dtype=np.uint64) * _BITS)
+        out = np.zeros(fields.shape[:-1] + (self.param_dim,), dtype=np.float32)
+        out[..., :4] = (fields[..., :4] & np.uint64(_FIX)) / _FIX
+        out[..., 4] = fields[..., 4]
         return out
 
 
@@ -103,8 +102,9 @@ class ReplayGeometry(Geometry):
 
     def decode(self, raw, i, r, images):
         out = np.empty((len(i), self.param_dim), dtype=np.float32)
-        for b, (ii, rr, im) in enumerate(zip(i, r, images)):
-            out[b] = self._sample(ii, [rr], im["height"], im["width"])[0]
+        for ii in np.unique(i):  # one call per image (a loader's K views are of one image)
+            sel = np.flatnonzero(i == ii)
+            out[sel] = self._sample(ii, r[sel], images[sel[0]]["height"], images[sel[0]]["width"])
         return out
 
     def mismatched(self, idx: np.ndarray, images: np.ndarray, views_per_image: int) -> list[int]:
