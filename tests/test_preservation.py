@@ -88,7 +88,7 @@ def produce(root: Path, data_root: Path) -> dict:
     _run("experiments/distill_ssl.py", *SMALL, *dr, "--out", str(ssl), "--store", str(store), "--input-size", "24",
          "--epochs", "4", "--batch-size", "16", "--crops-per-image", "2", "--head-hidden", "64", "--lr", "0.05",
          "--warmup-epochs", "2", "--loss", "infonce", "--no-center", "--optimizer", "sgd", "--weight-decay", "5e-4",
-         "--predictor-hidden", "0")  # the recorded run's settings, also after the defaults change
+         "--predictor-hidden", "0", "--spread-steps", "0")  # the recorded run's settings, also after the defaults change
     got["distill_ssl"] = {"loss": _losses(ssl), "weights": _weights(ssl)}
 
     clf, soft, sup, lmap, rel = (root / n for n in ("clf", "soft", "sup", "lmap", "rel"))
