@@ -240,11 +240,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128, help="views per step")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="of every run (the teacher's, the store's and the students')")
     p.add_argument("--doc", type=Path, default=None, help="also write the table and plot here (docs/)")
     a = p.parse_args(argv)
     a.crops = [int(k) for k in a.crops.split(",")]
     a.spreads = [int(s) for s in a.spreads.split(",")]
-    common = ["--data", a.data, "--workers", a.workers, "--device", a.device, "--seed", 0]
+    common = ["--data", a.data, "--workers", a.workers, "--device", a.device, "--seed", a.seed]
     if a.data_root:
         common += ["--data-root", a.data_root]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -313,8 +313,10 @@ class TrainResult:
 def build_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: TrainConfig, cuda: bool) -> DataLoader:
     # the loader draws its workers' base seed from its own generator, never from the global RNG, which
     # belongs to the task (e.g. mixup) and is restored on resume: a resumed run then draws as an uninterrupted one
+    # a spread group takes cfg.spread batches at once: the workers keep that many in flight, or they would idle
+    prefetch = max(4, -(-cfg.spread // cfg.workers)) if cfg.workers > 0 else None
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=cuda,
-                      persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
+                      persistent_workers=cfg.workers > 0, prefetch_factor=prefetch,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
