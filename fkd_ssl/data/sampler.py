@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
@@ -105,8 +106,6 @@ def spread_views(batches, window: int, per_epoch: int, start_batch: int = 0, see
 
 
 def _spread(group: list, window: int, seed: int, tag: int) -> list:
-    import torch
-
     first = group[0]
     b, k = first.views.shape[:2]
     if window % k:

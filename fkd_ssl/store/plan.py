@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ class StorePlan:
         out = Path(out).expanduser()
         total = store_bytes(num_images, views_per_image, codec, dim, geometry, shard_size)
         total += _JSON + _JSON_PER_SHARD * L.num_shards(num_images, shard_size) + (256 * dim * 4 if codec.trained else 0)
+        total += 2 * len(json.dumps(shlex.join(sys.argv)))  # the command line, in the header and in the log
         existing = sum(f.stat().st_size for f in out.iterdir() if L.is_store_file(f.name)) if out.is_dir() else 0
         where = next(p for p in (out, *out.absolute().parents) if p.exists())
         n = min(sample, num_images - 1)
