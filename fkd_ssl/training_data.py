@@ -156,6 +156,21 @@ def train_student(args, data: TrainingData, task, ctx, train_set, out: Path, ide
               f"{result.views_per_s:.0f} views/s)", flush=True)
 
 
+def add_spread_arg(p) -> None:
+    """The students' ``--spread-steps`` (see :func:`resolve_spread` for its default)."""
+    from .cli import nonneg_int
+
+    p.add_argument("--spread-steps", type=nonneg_int("--spread-steps"), default=None, metavar="N",
+                   help="spread each decoded image's K views over N steps, a multiple of K (default 4K; 0: all K "
+                        "in one step, as FKD does; docs/distill.md 'What a step does')")
+
+
+def resolve_spread(args, one_step: bool = False) -> None:
+    """Fill the default --spread-steps: 4K when K > 1, unless ``one_step`` (the views must share a step)."""
+    if args.spread_steps is None:
+        args.spread_steps = 4 * args.crops_per_image if args.crops_per_image > 1 and not one_step else 0
+
+
 def check_budget(args, k: int) -> None:
     """ConfigError unless --epochs and --batch-size are whole numbers of passes / images at K = ``k``
     and --spread-steps is a multiple of K."""

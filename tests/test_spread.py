@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 from fkd_ssl.data.sampler import spread_views
+from fkd_ssl.training_data import resolve_spread
 from fkd_ssl.replay import ReplayBatch
 
 K, B, PER_EPOCH = 4, 3, 10  # views per image, images per input batch, input batches per epoch
@@ -68,3 +71,22 @@ def test_resume_at_a_group_boundary_continues_the_same_steps():
 def test_window_must_be_a_multiple_of_k():
     with pytest.raises(ValueError, match="multiple of K = 4"):
         list(spread_views(_batches(1), 6, PER_EPOCH))
+
+
+@pytest.mark.parametrize("k, spread, one_step, expected", [(4, None, False, 16), (1, None, False, 0), (4, None, True, 0),
+                                                           (4, 8, False, 8), (4, 0, False, 0)])
+def test_default_spread_is_4k_unless_the_views_must_share_a_step(k, spread, one_step, expected):
+    args = argparse.Namespace(crops_per_image=k, spread_steps=spread)
+    resolve_spread(args, one_step)
+    assert args.spread_steps == expected
+
+
+def test_student_ssl_term_refuses_spread_views(capsys):
+    from fkd_ssl.cli import run_main
+    from fkd_ssl.commands import distill_ssl
+
+    with pytest.raises(SystemExit) as e:  # as the console script runs it
+        run_main(distill_ssl.main, ["--ssl", "moco", "--spread-steps", "8", "--store", "nowhere"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --ssl moco needs the views of an image in one step: drop --spread-steps"

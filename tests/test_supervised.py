@@ -226,6 +226,7 @@ def test_interrupted_student_resumes_to_the_uninterrupted_result(tmp_path, data_
     (["--targets", "relabel"], "--targets relabel needs --label-map"),
     (["--targets", "hard", "--teacher", "x"], "--teacher is for --targets online"),
     (["--targets", "store", "--label-smoothing", "0.1"], "--label-smoothing is for --targets hard"),
+    (["--store", "s", "--spread-steps", "6"], "--spread-steps 6 must be a multiple of --crops-per-image 4"),
 ])
 def test_script_flag_errors(tmp_path, data_root, extra, message):
     proc = run_script("experiments/distill_sup.py", *_sup(data_root, tmp_path / "x", *extra))

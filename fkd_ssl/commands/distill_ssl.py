@@ -26,7 +26,8 @@ from ..distill import SSL_METHODS, DistillTask, build_student, check_head_dim
 from ..errors import ConfigError
 from ..losses import LOSSES, DistillLoss
 from ..models import STEMS
-from ..training_data import Source, TrainingData, build_training_data, train_student
+from ..training_data import (Source, TrainingData, add_spread_arg, build_training_data, resolve_spread,
+                             train_student)
 
 #: settings that define a run: changing one needs another --out
 IDENTITY = ("data", "store", "store_id", "online_teacher", "online_replay", "arch", "stem", "input_size",
@@ -50,9 +51,7 @@ def build_parser():
     p.add_argument("--teacher-arch", default=None, help="architecture of a plain state-dict --online-teacher")
     p.add_argument("--crops-per-image", type=cli.positive_int("--crops-per-image"), default=4,
                    help="K views of each decoded image per step (FKD's num_crops); R/K passes use unseen views")
-    p.add_argument("--spread-steps", type=cli.nonneg_int("--spread-steps"), default=None, metavar="N",
-                   help="spread each decoded image's K views over N steps, a multiple of K (default 4K, or 0 with "
-                        "--ssl: all K in one step, as FKD does; docs/distill.md 'Crops per image')")
+    add_spread_arg(p)
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the teacher's view size; lower is faster, as in FKD)")
@@ -97,8 +96,7 @@ def check(p, args) -> None:
         p.error(f"--ssl {args.ssl} needs --crops-per-image >= 2 (two views of each image)")
     if args.ssl != "none" and args.spread_steps:
         p.error(f"--ssl {args.ssl} needs the views of an image in one step: drop --spread-steps")
-    if args.spread_steps is None:
-        args.spread_steps = 4 * args.crops_per_image if args.ssl == "none" and args.crops_per_image > 1 else 0
+    resolve_spread(args, one_step=args.ssl != "none")
 
 
 def _mode(args) -> str:

@@ -28,7 +28,8 @@ from .. import dist as fdist
 from ..data import build_dataset
 from ..models import STEMS
 from ..supervised import MODES, MixConfig, SoftLabelTask, build_classifier, classifier_accuracy, init_backbone
-from ..training_data import Source, TrainingData, build_training_data, check_budget, train_student
+from ..training_data import (Source, TrainingData, add_spread_arg, build_training_data, check_budget,
+                             resolve_spread, train_student)
 from ..views import ViewConfig
 
 #: settings that define a run: changing one needs another --out
@@ -55,9 +56,7 @@ def build_parser(description: str = __doc__):
     p.add_argument("--crops-per-image", type=cli.positive_int("--crops-per-image"), default=None,
                    help="K views of each decoded image per step (FKD's num_crops; default 4 for store/online, "
                         "1 for hard/relabel, the conventional pipelines)")
-    p.add_argument("--spread-steps", type=cli.nonneg_int("--spread-steps"), default=None, metavar="N",
-                   help="spread each decoded image's K views over N steps, a multiple of K (default 4K; 0: all K "
-                        "in one step, as FKD does; docs/distill.md 'Crops per image')")
+    add_spread_arg(p)
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the store's / teacher's view size, else 64)")
@@ -82,8 +81,7 @@ def check(p, args) -> None:
     mode = args.targets
     if args.crops_per_image is None:
         args.crops_per_image = 4 if mode in ("store", "online") else 1
-    if args.spread_steps is None:
-        args.spread_steps = 4 * args.crops_per_image if args.crops_per_image > 1 else 0
+    resolve_spread(args)
     check_budget(args, args.crops_per_image)
     if mode == "online" and not args.teacher:
         p.error("--targets online needs --teacher")

@@ -74,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
             dict(protocol=protocol, top1=res.top1, top5=res.top5, seconds=seconds, extract_seconds=t_extract,
                  cached=cached, extra=extra)])
         if args.export_classifier:
-            _export(args, source, res, train, val)
+            _export(args, source, res, train)
         detail = (f"{args.epochs} epochs" if args.full else f"wd={res.wd:g}")
         print(f"linear probe ({'full' if args.full else 'fast'}): {E.header(source, train, val, cached)} | "
               f"top1 {res.top1:.1f} top5 {res.top5:.1f} | {detail} | {seconds:.1f} s -> {path}", flush=True)
         return 0
 
 
-def _export(args, source, res, train, val) -> None:
+def _export(args, source, res, train) -> None:
     """``--export-classifier``: the backbone with the refit probe folded into its classifier."""
     from ..checkpoint import save_model
     from ..supervised import probe_classifier
