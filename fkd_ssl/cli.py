@@ -13,6 +13,7 @@ import math
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -23,7 +24,7 @@ from .fileio import write_text_atomic
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
 
-def _typed(kind: type, minimum: float | None, flag: str, strict: bool = False):
+def _typed(kind: type, minimum: float, strict: bool, flag: str):
     def parse(text: str):
         try:
             v = kind(text)
@@ -31,27 +32,15 @@ def _typed(kind: type, minimum: float | None, flag: str, strict: bool = False):
             raise argparse.ArgumentTypeError(f"{flag} expects {kind.__name__}, got {text!r}") from None
         if kind is float and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {text}")
-        if minimum is not None and (v <= minimum if strict else v < minimum):
+        if v <= minimum if strict else v < minimum:
             raise argparse.ArgumentTypeError(f"{flag} must be {'>' if strict else '>='} {minimum}, got {text}")
         return v
     return parse
 
 
-def positive_int(flag: str):
-    """argparse type: an int >= 1 (message names the flag)."""
-    return _typed(int, 1, flag)
-
-
-def nonneg_int(flag: str):
-    return _typed(int, 0, flag)
-
-
-def positive_float(flag: str):
-    return _typed(float, 0, flag, strict=True)
-
-
-def nonneg_float(flag: str):
-    return _typed(float, 0.0, flag)
+#: argparse types named by their flag (the flag is in every message): ``positive_int("--epochs")``
+positive_int, nonneg_int = partial(_typed, int, 1, False), partial(_typed, int, 0, False)
+positive_float, nonneg_float = partial(_typed, float, 0, True), partial(_typed, float, 0.0, False)
 
 
 def number_list(kind: type, flag: str, allow_empty: bool = False):
