@@ -66,26 +66,19 @@ class ModelSpec:
 # ----------------------------------------------------------------------------- backbones
 
 
-def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            return name, m
-    raise ConfigError("the backbone has no Conv2d layer, so --stem small/cifar cannot apply")
-
-
 def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent = model
-    *path, last = dotted.split(".")
-    for p in path:
-        parent = getattr(parent, p)
-    setattr(parent, last, new)
+    parent, _, last = dotted.rpartition(".")
+    setattr(model.get_submodule(parent), last, new)
 
 
 def adapt_stem(model: nn.Module, stem: str) -> nn.Module:
     """Reduce the stem's downsampling for small inputs (see :class:`ModelSpec`)."""
     if stem == "default":
         return model
-    name, conv = _first_conv(model)
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ConfigError("the backbone has no Conv2d layer, so --stem small/cifar cannot apply")
+    name, conv = convs[0]
     stride = 1 if stem == "cifar" else 2
     if conv.kernel_size[0] > 3:  # a 7x7 stem conv becomes 3x3 (new weights)
         new = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride, 1, bias=conv.bias is not None)
@@ -108,11 +101,10 @@ class TorchvisionBackbone(nn.Module):
             self.net = tvm.get_model(name, weights=None, num_classes=num_classes or 1000)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"--arch tv:{name}: unknown torchvision model") from e
-        last = [n for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
-        self._head_name = last
-        head = self.net.get_submodule(last)
+        self._head_name = [n for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
+        head = self.net.get_submodule(self._head_name)
         self.num_features = head.in_features
-        _set_module(self.net, last, nn.Identity())
+        _set_module(self.net, self._head_name, nn.Identity())
         self.fc = head if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,11 +181,7 @@ class Encoder(nn.Module):
         """(B, 3, S, S) -> (B, num_classes) class scores."""
         if self.spec.num_classes == 0:
             raise ConfigError(f"model {self.spec.arch} has no classifier (num_classes=0)")
-        return self.classify(self.features(x))
-
-    def classify(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, feature_dim) -> (B, num_classes) with the backbone's own classifier."""
-        return self.backbone.get_classifier()(feats)
+        return self.backbone.get_classifier()(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
