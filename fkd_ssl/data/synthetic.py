@@ -7,6 +7,7 @@ into place); each is a pure function of ``(seed, split, index)``.
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -87,13 +88,7 @@ SHAPES = tuple(_PARTS)
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
     """A random RGB colour in [0, 1], saturated or not, bright or dark."""
-    h = rng.random()
-    s = rng.uniform(0.2, 1.0)
-    v = rng.uniform(0.25, 1.0)
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+    return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.25, 1.0)))
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -129,9 +124,7 @@ def _pattern(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     elif name == "checker":
         w = np.sin(2 * math.pi * u / p) * np.sin(2 * math.pi * v / p) > 0
     elif name == "dots":
-        du = (u % p) - p / 2
-        dv = (v % p) - p / 2
-        w = np.hypot(du, dv) < p * rng.uniform(0.22, 0.34)
+        w = np.hypot(u % p - p / 2, v % p - p / 2) < p * rng.uniform(0.22, 0.34)
     elif name == "rings":
         w = np.sin(2 * math.pi * dist / p) > 0
     elif name == "zigzag":
