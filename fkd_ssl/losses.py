@@ -1,9 +1,7 @@
 """Distillation losses: student outputs ``s`` (N, D) against the teacher's targets ``t`` (N, D) for the same views.
 
-Unless said otherwise a loss L2-normalises its inputs along ``D`` and returns the mean over the ``N`` rows;
-``keys`` / ``queue`` are teacher targets used as negatives or reference points.  The losses and their
-defaults: docs/distill.md.  :class:`DistillLoss` binds one with its temperatures and :class:`TargetQueue`
-and gathers targets across DDP ranks.
+Unless said otherwise a loss L2-normalises its inputs along ``D`` and returns the mean over the ``N`` rows
+(the losses and their defaults: docs/distill.md).
 """
 
 from __future__ import annotations
@@ -23,13 +21,9 @@ QUEUE_LOSSES = ("infonce", "seed")
 
 
 def contrastive(s: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE with one or several positives per row.
-
-    s: (N, D) student outputs; keys: (M, D) teacher targets; positives: bool (N, M) with at
-    least one True per row (e.g. one-hot: each view's own target).  Every key that is not a
-    positive is a negative.  Row ``n``'s loss is the mean over its positives ``p`` of
-    ``-log softmax(s_n . keys / T)[p]`` (a single positive gives the usual cross-entropy).
-    """
+    """InfoNCE with one or several positives per row: keys (M, D), positives bool (N, M) with at least one
+    True per row; every other key is a negative.  Row ``n``'s loss is the mean over its positives ``p`` of
+    ``-log softmax(s_n . keys / T)[p]``."""
     s, keys = F.normalize(s, dim=1), F.normalize(keys, dim=1)
     logp = torch.log_softmax(s @ keys.t() / temperature, dim=1)  # (N, M)
     pos = positives.to(logp.dtype)
@@ -39,21 +33,17 @@ def contrastive(s: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, te
 def soft_ce(s: torch.Tensor, t: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
     """Cross-entropy ``-sum_d softmax(t/tau)_d log_softmax(s/tau)_d`` over the D embedding dims."""
     s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
-    return -(torch.softmax(t / tau, dim=1) * torch.log_softmax(s / tau, dim=1)).sum(1).mean()
+    return soft_ce_probs(s / tau, torch.softmax(t / tau, dim=1))
 
 
 def seed(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, tau_t: float = 0.01,
          tau_s: float = 0.2) -> torch.Tensor:
-    """SEED (Fang et al., ICLR 2021).
-
-    s, t: (N, D); queue: (Q, D) earlier teacher targets (Q may be 0).  Reference points per
-    row are ``[t_n; queue]`` (Q + 1 of them); the teacher distribution is
-    ``softmax(t_n . refs / tau_t)``, the student's ``log_softmax(s_n . refs / tau_s)``.
-    """
+    """SEED (Fang et al., ICLR 2021): soft cross-entropy over the reference points ``[t_n; queue]``
+    (queue (Q, D), Q may be 0) at temperatures ``tau_t`` (teacher) and ``tau_s`` (student)."""
     s, t, queue = F.normalize(s, dim=1), F.normalize(t, dim=1), F.normalize(queue, dim=1)
     logit_s = torch.cat([(s * t).sum(1, keepdim=True), s @ queue.t()], dim=1)  # (N, 1 + Q)
     logit_t = torch.cat([(t * t).sum(1, keepdim=True), t @ queue.t()], dim=1)
-    return -(torch.softmax(logit_t / tau_t, dim=1) * torch.log_softmax(logit_s / tau_s, dim=1)).sum(1).mean()
+    return soft_ce_probs(logit_s / tau_s, torch.softmax(logit_t / tau_t, dim=1))
 
 
 def cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +52,7 @@ def cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def soft_ce_probs(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """logits (N, C) against target probabilities (N, C): ``-sum_c p_c log_softmax(logits)_c``."""
+    """The one soft cross-entropy: logits (N, C) against probabilities (N, C), ``-sum_c p_c log_softmax(logits)_c``."""
     return -(probs * torch.log_softmax(logits, dim=1)).sum(1).mean()
 
 
@@ -70,12 +60,8 @@ def soft_ce_probs(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 
 class TargetQueue(nn.Module):
-    """FIFO of the last ``size`` teacher targets (float32 ``(size, D)``).
-
-    Starts empty: :meth:`negatives` returns only the rows filled so far, so the first steps
-    compare against fewer (but real) targets instead of random vectors.  The buffers are not
-    part of ``state_dict``; :meth:`state` / :meth:`load` save and restore them (resume).
-    """
+    """FIFO of the last ``size`` teacher targets (float32 ``(size, D)``); starts empty.  The buffers are not
+    part of ``state_dict``: :meth:`state` / :meth:`load` save and restore them (resume)."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -112,13 +98,8 @@ class TargetQueue(nn.Module):
 
 
 class TargetCenter(nn.Module):
-    """An EMA of the mean teacher target, subtracted before the loss (DINO's centring).
-
-    Pooled features of a pretrained network share a large common direction (for
-    EfficientNet-Lite0 about 0.4 mean cosine between unrelated images): a student can match
-    it without telling images apart.  Centring removes it.  The first batch sets the centre;
-    each training batch then moves it by ``1 - momentum`` towards its mean (over all ranks).
-    """
+    """An EMA of the mean teacher target (over all ranks; the first batch sets it), subtracted before the
+    loss: DINO's centring (``--center``)."""
 
     def __init__(self, dim: int, momentum: float = 0.9):
         super().__init__()
@@ -142,20 +123,9 @@ class TargetCenter(nn.Module):
 
 
 class DistillLoss(nn.Module):
-    """One distillation loss with its settings and queue: ``(s, t, image) -> (loss, metrics)``.
-
-    ``s`` (N, D) student outputs, ``t`` (N, D) teacher targets, ``image`` int64 (N,) the image
-    index of each view (views of one image are positives of each other with
-    ``multi_positive``).  ``probs=True``: the targets are class probabilities (a classifier
-    teacher); only ``soft-ce`` applies and it becomes :func:`soft_ce_probs` on raw outputs.
-
-    For ``infonce`` the keys are the teacher targets of the whole global batch (gathered over
-    DDP ranks: they need no gradient) followed by the queue; ``seed`` uses the queue alone,
-    as SEED does.  The queue receives the global batch's targets after the loss, so every
-    rank holds the same queue and 2 processes x B equal 1 process x 2B.  ``center``: targets
-    are centred first (:class:`TargetCenter`).  The loss is computed in float32 with autocast
-    off (SEED's teacher temperature 0.01 needs it).
-    """
+    """One distillation loss with its settings and queue: ``(s, t, image) -> (loss, metrics)``; ``image`` int64
+    (N,) is each view's image.  ``probs=True``: class-probability targets (:func:`soft_ce_probs` on raw outputs).
+    Keys and queues over DDP ranks: docs/distill.md; float32 with autocast off (SEED's tau_t 0.01 needs it)."""
 
     def __init__(self, name: str, dim: int, temperature: float = 0.2, tau: float = 0.2, tau_t: float = 0.01,
                  tau_s: float = 0.2, queue_size: int = 4096, multi_positive: bool = False, probs: bool = False,
