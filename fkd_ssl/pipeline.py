@@ -1,11 +1,7 @@
 """The quick start's pipeline (``fkd-quickstart``): its stages, their ledger and the summary.
 
-A *stage* is one run of one of the project's commands (:mod:`fkd_ssl.commands`) with a fixed argument
-list; :func:`plan` lists them (what they train and evaluate: ``fkd-quickstart --help``).  Each runs in
-this process through the command's own ``main(argv)``, so it does exactly what its printed command
-does.  ``<out>/pipeline.json`` records finished stages (wall time, command): a rerun skips them and
-resumes the unfinished one.  :func:`summarize` writes ``report.md``, ``summary.csv`` and
-``accuracy_vs_time.png``, and :func:`claims` judges what FKD claims on that table."""
+A *stage* is one run of a command's own ``main(argv)`` in this process, so it does exactly what its
+printed command does; ``<out>/pipeline.json`` records finished stages, which a rerun skips."""
 
 from __future__ import annotations
 
@@ -203,14 +199,8 @@ def run_stages(stages: list[Stage], ledger: Ledger, log: Callable[[str], None] =
 
 def _last_metric(run_dir: Path, key: str) -> float | None:
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    value = None
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if key in row:
-            value = row[key]
-    return value
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return next((r[key] for r in reversed(rows) if key in r), None)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -322,10 +312,8 @@ def render_claims(found: list[Claim]) -> str:
 
 
 def plot_summary(rows: list[dict], path: Path) -> Path:
-    """Accuracy (kNN and linear top-1) vs training wall time, one point per trained model (one
-    colour each, named in the legend below); models that were not trained here (the ImageNet
-    teacher, random init, raw pixels) are horizontal reference lines, named on the line -- or at
-    the top, with their value, when they lie far above every trained model."""
+    """Accuracy (kNN and linear top-1) vs training wall time: a point per trained model; the models not
+    trained here are reference lines (listed at the top when far above every trained model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,13 +348,10 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title + "  (o: SSL variant, s: supervised)", fontsize=9)
         ax.grid(alpha=0.3)
-    legend = {}  # every trained model, also one with a linear but no kNN value
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    handles, labels = list(legend.values()), list(legend)
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(labels) + 2) // 3), 1, 1))
+    # every trained model, also one with a linear but no kNN value (its two points look alike)
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(legend) + 2) // 3), 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
