@@ -1,11 +1,5 @@
-"""The distillation task: a student learns a teacher's targets for replayed views.
-
-:class:`DistillTask` is an :class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.replay.ReplayBatch`
-batches: the targets are the store's (FKD: no teacher forward) or an online teacher's (the vanilla-KD
-baselines); optionally the student also minimises its own SSL objective (:mod:`fkd_ssl.objectives`)
-between views 0 and 1 (DisCo-style).  :func:`open_store`, :func:`check_head_dim` and
-:func:`build_student` check and build what a student run is given.
-"""
+"""The distillation task: a student learns the store's or an online teacher's targets for replayed views,
+optionally with its own SSL objective between views 0 and 1 (DisCo-style; docs/distill.md)."""
 
 from __future__ import annotations
 
@@ -28,11 +22,8 @@ SSL_METHODS = ("none", "moco", "simsiam")
 
 
 def open_store(path, dataset, flag: str = "--store"):
-    """Open the target store at ``path`` for a student trained on ``dataset``.
-
-    DataError if it is missing / unfinished / damaged; ConfigError naming ``flag`` and
-    ``--data`` if it was made from another dataset (fingerprint or image count differ).
-    """
+    """The target store at ``path`` for a student trained on ``dataset``: DataError if it is missing or damaged,
+    ConfigError naming ``flag`` if it was made from another dataset."""
     from .store import TargetStore
 
     store = TargetStore.open(path)
@@ -79,12 +70,8 @@ def build_student(arch: str, stem: str, input_size: int, out_dim: int, head_hidd
 
 
 class DistillTask(Task):
-    """Student + distillation loss (+ optional SSL term); an engine task (see module docstring).
-
-    ``teacher``: a :class:`~fkd_ssl.teacher.TeacherTargets` for the online baselines (None:
-    targets come with the batch).  It is deliberately not a registered submodule: it is
-    frozen, stays on its device, and is not saved in training states.
-    """
+    """Student + distillation loss (+ optional SSL term).  ``teacher``: the online baselines' targets (None: they
+    come with the batch); frozen, not a registered submodule, never saved."""
 
     def __init__(self, student: Encoder, loss: DistillLoss, teacher: nn.Module | None = None, ssl: str = "none",
                  ssl_weight: float = 1.0, ssl_queue_size: int = 4096, ssl_temperature: float = 0.2,

@@ -1,10 +1,6 @@
-"""Supervised FKD: a classifier student trained on soft labels of replayed views.
+"""Supervised FKD: a classifier student trained on soft labels of replayed views (docs/supervised.md).
 
-:class:`SoftLabelTask` is an :class:`~fkd_ssl.engine.Task` on :class:`~fkd_ssl.replay.ReplayBatch`
-batches; where each view's target distribution comes from is the *mode* (``--targets``: store,
-online, hard, relabel; docs/supervised.md).  The loss is soft cross-entropy at temperature 1; with
-mixup / cutmix (:func:`mix_batch`) the targets are mixed linearly in every mode (stored soft labels
-cannot see the mixed image).
+Where each view's target distribution comes from is the *mode* (``--targets``); the loss is soft cross-entropy.
 """
 
 from __future__ import annotations
@@ -47,13 +43,9 @@ class MixConfig:
 
 
 def mix_batch(x: torch.Tensor, t: torch.Tensor, cfg: MixConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Mix a batch with its reverse: x (N, 3, S, S), t (N, C) -> mixed (x, t) and what was done.
-
-    Mixup: ``lam*x + (1-lam)*x.flip(0)``; cutmix: a box of area ``1-lam`` pasted from
-    ``x.flip(0)``, ``lam`` then corrected to the pasted area.  ``t`` is mixed with the same
-    ``lam``.  ``lam ~ Beta(alpha, alpha)`` from torch's global RNG (which the engine saves in
-    its resume state, so a resumed run mixes as an uninterrupted one).
-    """
+    """Mix a batch with its reverse: x (N, 3, S, S), t (N, C) -> mixed (x, t) and what was done.  ``t`` is
+    mixed with the same ``lam ~ Beta(alpha, alpha)`` (cutmix: corrected to the pasted area), drawn from torch's
+    global RNG, which the engine's resume state restores."""
     if not cfg.enabled or x.shape[0] < 2:
         return x, t, {}
     use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or float(torch.rand(())) < 0.5)
@@ -102,12 +94,8 @@ def probe_classifier(encoder: Encoder, weight: torch.Tensor, bias: torch.Tensor,
 
 
 def init_backbone(model: Encoder, ref: str, device: str | torch.device = "cpu") -> dict:
-    """Copy the backbone weights of checkpoint ``ref`` into ``model`` (fine-tuning).
-
-    The classifier stays freshly initialised unless ``ref`` has one of the same shape.
-    ConfigError if ``ref`` is another architecture or its backbone does not fit.
-    Returns a short description for the run's metadata.
-    """
+    """Copy the backbone weights (and a classifier of the same shape) of checkpoint ``ref`` into ``model``;
+    ConfigError if they do not fit.  Returns a short description for the run's metadata."""
     from .checkpoint import load_model, model_identity
 
     src, meta = load_model(ref, arch=model.spec.arch, device=device)
@@ -132,12 +120,8 @@ def init_backbone(model: Encoder, ref: str, device: str | torch.device = "cpu") 
 
 
 class SoftLabelTask(Task):
-    """Classifier student + soft cross-entropy on K views per image; an engine task (module doc).
-
-    ``labels``: int64 (N,) dataset labels, used in ``hard`` mode.  ``teacher``: a
-    :class:`~fkd_ssl.teacher.TeacherTargets` of kind ``probs`` for ``online`` mode (frozen,
-    not a registered submodule, never saved).
-    """
+    """Classifier student + soft cross-entropy on K views per image.  ``labels``: int64 (N,), for ``hard``;
+    ``teacher``: ``probs`` targets for ``online`` (frozen, not a registered submodule, never saved)."""
 
     def __init__(self, student: Encoder, mode: str, labels: torch.Tensor | None = None,
                  teacher: nn.Module | None = None, mix: MixConfig = MixConfig(), label_smoothing: float = 0.0,
@@ -192,11 +176,8 @@ class SoftLabelTask(Task):
 @torch.no_grad()
 def classifier_accuracy(model: Encoder, dataset, batch_size: int = 256, workers: int = 0,
                         device: str | torch.device = "cpu") -> dict[str, float]:
-    """Top-1 / top-5 (%) of ``model``'s classifier on ``dataset`` (its own labels).
-
-    Images go through the evaluators' transform (resize, centre crop ``spec.input_size``,
-    normalise).  The model's class ``c`` must be the dataset's class ``c``.
-    """
+    """Top-1 / top-5 (%) of ``model``'s classifier on ``dataset`` (whose class ``c`` is the model's), through
+    the evaluators' transform."""
     from torch.utils.data import DataLoader
 
     from .evaluation.features import spec_eval_transform

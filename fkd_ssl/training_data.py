@@ -1,10 +1,5 @@
-"""What a distillation run trains on, and for how long, for both distill commands.
-
-:func:`build_training_data` turns a :class:`Source` (a store, an online teacher, a ReLabel label
-map or the dataset's own labels) into one :class:`TrainingData`; :func:`train_config` turns the
-run's budget in samples (FKD's units, README "Common flags") into the engine's passes over the
-decoded images.
-"""
+"""What a distillation run trains on (:func:`build_training_data`), and for how long (:func:`train_config`:
+samples, README "Common flags", to the engine's passes), for both distill commands."""
 
 from __future__ import annotations
 
@@ -98,10 +93,8 @@ def _teacher_views(src: Source, store, teacher) -> ViewConfig:
 
 
 def build_training_data(src: Source, args, train_set, ctx) -> TrainingData:
-    """The run's views and targets: stored views with stored targets, stored or fresh views for
-    an online teacher, fresh crops on a label map, or fresh crops with the dataset's labels.
-    ``args``: a student command's flags (K, seed, input size, augmentation, decoding); --store and
-    --input-size are resolved in it."""
+    """The run's views and targets from ``src``; ``args``: a student command's flags, in which --store and
+    --input-size are resolved."""
     k, seed = args.crops_per_image, args.seed
     store = _open_store(src, train_set) if src.store else None
     maps, teacher, teacher_id = None, None, store.identity.teacher if store is not None else None
