@@ -62,9 +62,8 @@ class ViewConfig:
             raise ConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if self.interpolation not in _INTERP:
             raise ConfigError(f"interpolation {self.interpolation!r}: one of {', '.join(_INTERP)}")
-        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
-        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
-        object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
+        for name in ("scale", "ratio", "blur_sigma"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,11 +128,6 @@ def sample_views(cfg: ViewConfig, seed: int, image: int, slots, height: int, wid
     return out
 
 
-def sample_view(cfg: ViewConfig, seed: int, image: int, slot: int, height: int, width: int) -> np.ndarray:
-    """Parameters of view ``slot`` of image ``image`` (:func:`sample_views` of one slot)."""
-    return sample_views(cfg, seed, image, [slot], height, width)[0]
-
-
 # ----------------------------------------------------------------------------- replay
 
 
@@ -178,11 +172,9 @@ def _resize(crop: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
 
 
 def render_views(img: torch.Tensor, params: np.ndarray, cfg: ViewConfig) -> torch.Tensor:
-    """Replay views of one decoded image: uint8 ``(3, H, W)`` + ``(V, P)`` params -> uint8 ``(V, 3, S, S)``.
-
-    Each crop is resized in channels-last memory (the native uint8 kernels' own layout, so they neither
-    repack nor copy) and moved to ``(3, S, S)`` by numpy (twice torch's speed at it); pixels are those of
-    ``F.resized_crop`` + ``F.horizontal_flip`` (tests/test_views.py)."""
+    """Replay views of one decoded image: uint8 ``(3, H, W)`` + ``(V, P)`` params -> uint8 ``(V, 3, S, S)``, the
+    pixels of ``F.resized_crop`` + ``F.horizontal_flip``.  Crops are resized channels-last (the native uint8
+    kernels' layout) and moved to ``(3, S, S)`` by numpy (twice torch's speed at it)."""
     _, height, width = img.shape
     out = torch.empty((len(params), 3, cfg.size, cfg.size), dtype=torch.uint8)
     for v, p in enumerate(params):

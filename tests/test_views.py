@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from fkd_ssl.data.sampler import EpochBatchSampler
-from fkd_ssl.views import (PARAM_FIELDS, RandomViewsDataset, ViewConfig, crop_pixels, render_view, render_views, sample_view,
+from fkd_ssl.views import (PARAM_FIELDS, RandomViewsDataset, ViewConfig, crop_pixels, render_view, render_views,
                            sample_views)
 
 
 def test_sampling_is_a_pure_function():
     cfg = ViewConfig(size=16)
-    a = sample_view(cfg, 3, 10, 5, 96, 80)
-    assert np.array_equal(a, sample_view(cfg, 3, 10, 5, 96, 80))
-    assert not np.array_equal(a, sample_view(cfg, 3, 10, 6, 96, 80))
-    assert not np.array_equal(a, sample_view(cfg, 4, 10, 5, 96, 80))
+    a = sample_views(cfg, 3, 10, [5], 96, 80)[0]
+    assert np.array_equal(a, sample_views(cfg, 3, 10, [5], 96, 80)[0])
+    assert not np.array_equal(a, sample_views(cfg, 3, 10, [6], 96, 80)[0])
+    assert not np.array_equal(a, sample_views(cfg, 4, 10, [5], 96, 80)[0])
     batch = sample_views(cfg, 3, 10, [7, 5], 96, 80)
     assert np.array_equal(batch[1], a) and batch.dtype == np.float32 and batch.shape == (2, len(PARAM_FIELDS))
 
@@ -38,7 +38,7 @@ def test_replay_is_bit_identical_and_photometric_changes_pixels():
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=g)
     cfg = ViewConfig(size=24, jitter_p=1.0, gray_p=0.0, blur_p=1.0, solarize_p=1.0)
-    p = sample_view(cfg, 0, 0, 0, 50, 70)
+    p = sample_views(cfg, 0, 0, [0], 50, 70)[0]
     v1, v2 = render_view(img, p, cfg), render_view(img.clone(), p.copy(), cfg)
     assert v1.dtype == torch.uint8 and v1.shape == (3, 24, 24)
     assert torch.equal(v1, v2)
