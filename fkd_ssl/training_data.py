@@ -149,13 +149,18 @@ def train_student(args, data: TrainingData, task, ctx, train_set, out: Path, ide
               f"{result.views_per_s:.0f} views/s)", flush=True)
 
 
-def add_spread_arg(p) -> None:
-    """The students' ``--spread-steps`` (see :func:`resolve_spread` for its default)."""
+def add_student_args(p) -> None:
+    """The flags both students share (``--spread-steps``: see :func:`resolve_spread` for its default)."""
     from .cli import nonneg_int
+    from .models import STEMS
 
     p.add_argument("--spread-steps", type=nonneg_int("--spread-steps"), default=None, metavar="N",
                    help="spread each decoded image's K views over N steps, a multiple of K (default 4K; 0: all K "
                         "in one step, as FKD does; docs/distill.md 'What a step does')")
+    p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
+    p.add_argument("--extra-aug", action="store_true", help="mild student-only colour augmentation on the views")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode JPEGs at a reduced size when every crop allows it (PIL draft)")
 
 
 def resolve_spread(args, one_step: bool = False) -> None:

@@ -25,8 +25,7 @@ from ..data import build_dataset
 from ..distill import SSL_METHODS, DistillTask, build_student, check_head_dim
 from ..errors import ConfigError
 from ..losses import LOSSES, DistillLoss
-from ..models import STEMS
-from ..training_data import (Source, TrainingData, add_spread_arg, build_training_data, resolve_spread,
+from ..training_data import (Source, TrainingData, add_student_args, build_training_data, resolve_spread,
                              train_student)
 
 #: settings that define a run: changing one needs another --out
@@ -51,8 +50,7 @@ def build_parser():
     p.add_argument("--teacher-arch", default=None, help="architecture of a plain state-dict --online-teacher")
     p.add_argument("--crops-per-image", type=cli.positive_int("--crops-per-image"), default=4,
                    help="K views of each decoded image per step (FKD's num_crops); R/K passes use unseen views")
-    add_spread_arg(p)
-    p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
+    add_student_args(p)
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the teacher's view size; lower is faster, as in FKD)")
     p.add_argument("--loss", choices=LOSSES, default="infonce")
@@ -81,9 +79,6 @@ def build_parser():
                    help="student output dim; must equal the target dim (default: the target dim)")
     p.add_argument("--predictor-hidden", type=cli.nonneg_int("--predictor-hidden"), default=0,
                    help="> 0: add a predictor on top of the projection (needed by --ssl simsiam)")
-    p.add_argument("--extra-aug", action="store_true", help="mild student-only colour augmentation on replayed views")
-    p.add_argument("--fast-decode", action="store_true",
-                   help="decode JPEGs at a reduced size when every crop allows it (PIL draft)")
     # measured defaults (docs/distill.md, "Choosing the defaults"): AdamW moves a student on a short schedule
     cli.add_optim_args(p, lr=5e-3, weight_decay=0.05, warmup_epochs=1.0, optimizer="adamw")
     return p

@@ -26,9 +26,8 @@ import torch
 from .. import cli
 from .. import dist as fdist
 from ..data import build_dataset
-from ..models import STEMS
 from ..supervised import MODES, MixConfig, SoftLabelTask, build_classifier, classifier_accuracy, init_backbone
-from ..training_data import (Source, TrainingData, add_spread_arg, build_training_data, check_budget,
+from ..training_data import (Source, TrainingData, add_student_args, build_training_data, check_budget,
                              resolve_spread, train_student)
 from ..views import ViewConfig
 
@@ -56,8 +55,7 @@ def build_parser(description: str = __doc__):
     p.add_argument("--crops-per-image", type=cli.positive_int("--crops-per-image"), default=None,
                    help="K views of each decoded image per step (FKD's num_crops; default 4 for store/online, "
                         "1 for hard/relabel, the conventional pipelines)")
-    add_spread_arg(p)
-    p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
+    add_student_args(p)
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the store's / teacher's view size, else 64)")
     p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.08,
@@ -68,9 +66,6 @@ def build_parser(description: str = __doc__):
                    help="--targets hard: label smoothing")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from this checkpoint's backbone (fine-tuning; same --arch and --stem)")
-    p.add_argument("--extra-aug", action="store_true", help="mild student-only colour augmentation on the views")
-    p.add_argument("--fast-decode", action="store_true",
-                   help="decode JPEGs at a reduced size when every stored crop allows it (PIL draft)")
     p.add_argument("--no-val", action="store_true", help="skip the val top-1 after every pass")
     cli.add_optim_args(p, lr=0.2, weight_decay=5e-5, warmup_epochs=0.0)
     return p
