@@ -61,9 +61,7 @@ class IndexedDataset:
     targets: list[int]
     name: str
     split: str
-
-    def __init__(self, transform: Callable | None = None):
-        self.transform = transform
+    transform: Callable | None = None  # set by build_dataset
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -104,20 +102,18 @@ class ImageFolderDataset(IndexedDataset):
     """``root/<class>/<image>`` in sorted order (ImageNet layout); non-image files are ignored and counted."""
 
     def __init__(self, root: str | os.PathLike, split: str, name: str = "imagefolder",
-                 transform: Callable | None = None, cache_dir: str | os.PathLike = DEFAULT_DATA_ROOT):
-        super().__init__(transform)
+                 cache_dir: str | os.PathLike = DEFAULT_DATA_ROOT):
         self.root, self.cache_dir = Path(root), Path(cache_dir)
         self.name, self.split = name, split
         if not self.root.is_dir():
             raise DataError(f"dataset folder {self.root} does not exist (expected {self.root}/<class>/<image files>)")
-        class_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
-        if not class_dirs:
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
             raise DataError(f"dataset folder {self.root} has no class folders (expected {self.root}/<class>/<image files>)")
-        self.classes = class_dirs
         self.samples: list[tuple[str, int]] = []
         self.stats: list[os.stat_result] = []
         self.ignored_files = 0
-        for label, c in enumerate(class_dirs):
+        for label, c in enumerate(self.classes):
             n_before = len(self.samples)
             for dirpath, dirnames, filenames in os.walk(self.root / c, followlinks=True):
                 dirnames.sort()
@@ -151,9 +147,7 @@ class ImageFolderDataset(IndexedDataset):
 class ArrayDataset(IndexedDataset):
     """Images held as a uint8 array (N, H, W, 3) with labels: CIFAR, STL-10."""
 
-    def __init__(self, images: np.ndarray, targets, classes, name: str, split: str, identity: str,
-                 transform: Callable | None = None):
-        super().__init__(transform)
+    def __init__(self, images: np.ndarray, targets, classes, name: str, split: str, identity: str):
         self.images = images
         self.targets = [int(t) for t in targets]
         self.classes = list(classes)
