@@ -1,8 +1,5 @@
-"""The one training loop: every teacher, student and baseline is a :class:`Task` trained by :func:`train`.
-
-DDP, deterministic sampling, optimisers and schedules, AMP, metrics, resume state every epoch and
-``ckpt_minutes``, and the exported encoder; a rerun continues as an uninterrupted run would.
-"""
+"""The one training loop: every teacher, student and baseline is a :class:`Task` trained by :func:`train`;
+a rerun continues as an uninterrupted run would."""
 
 from __future__ import annotations
 

@@ -49,15 +49,10 @@ def image_views(base: IndexedDataset, cfg: ViewConfig, seed: int, views: int, gr
 
 def plan_groups(writer: StoreWriter, group: int) -> list[np.ndarray]:
     """Groups (arrays of image indices) of this writer's shards that still have missing images."""
-    missing = set(writer.missing_images().tolist())
-    groups = []
+    missing, groups = set(writer.missing_images().tolist()), []
     for s in writer.shards:
-        start = s * writer.shard_size
-        stop = min(start + writer.shard_size, writer.num_images)
-        for g0 in range(start, stop, group):
-            members = np.arange(g0, min(g0 + group, stop), dtype=np.int64)
-            if any(int(i) in missing for i in members):
-                groups.append(members)
+        shard = np.arange(s * writer.shard_size, min((s + 1) * writer.shard_size, writer.num_images), dtype=np.int64)
+        groups += [g for g in np.split(shard, range(group, len(shard), group)) if missing.intersection(g.tolist())]
     return groups
 
 
