@@ -24,7 +24,7 @@ from .fileio import write_text_atomic
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
 
-def _typed(kind: type, minimum: float, strict: bool, flag: str):
+def _typed(kind: type, minimum: float, strict: bool, flag: str, maximum: float | None = None):
     def parse(text: str):
         try:
             v = kind(text)
@@ -34,6 +34,8 @@ def _typed(kind: type, minimum: float, strict: bool, flag: str):
             raise argparse.ArgumentTypeError(f"{flag} must be a finite number, got {text}")
         if v <= minimum if strict else v < minimum:
             raise argparse.ArgumentTypeError(f"{flag} must be {'>' if strict else '>='} {minimum}, got {text}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {maximum}, got {text}")
         return v
     return parse
 
@@ -41,6 +43,7 @@ def _typed(kind: type, minimum: float, strict: bool, flag: str):
 #: argparse types named by their flag (the flag is in every message): ``positive_int("--epochs")``
 positive_int, nonneg_int = partial(_typed, int, 1, False), partial(_typed, int, 0, False)
 positive_float, nonneg_float = partial(_typed, float, 0, True), partial(_typed, float, 0.0, False)
+fraction = partial(_typed, float, 0, True, maximum=1)  # 0 < v <= 1
 
 
 def number_list(kind: type, flag: str, allow_empty: bool = False):

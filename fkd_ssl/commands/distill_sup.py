@@ -58,7 +58,7 @@ def build_parser(description: str = __doc__):
     add_student_args(p)
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=None,
                    help="student input side (default: the store's / teacher's view size, else 64)")
-    p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.08,
+    p.add_argument("--crop-min", type=cli.fraction("--crop-min"), default=0.08,
                    help="RandomResizedCrop min scale of fresh views (hard/relabel/online without a store)")
     p.add_argument("--mixup", type=cli.nonneg_float("--mixup"), default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=cli.nonneg_float("--cutmix"), default=0.0, help="cutmix alpha (0: off)")
@@ -86,8 +86,6 @@ def check(p, args) -> None:
         p.error(f"--teacher is for --targets online (with --targets {mode} the teacher is in the store / label map)")
     if mode != "hard" and args.label_smoothing:
         p.error("--label-smoothing is for --targets hard (soft labels are already soft)")
-    if args.crop_min > 1:
-        p.error(f"--crop-min must be <= 1, got {args.crop_min}")
     if mode == "store" and not args.store:
         p.error("--targets store needs --store (a soft-label store from gen_targets.py with a classifier teacher)")
 

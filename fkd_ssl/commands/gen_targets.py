@@ -58,7 +58,7 @@ def build_parser():
     p.add_argument("--pq-m", type=cli.positive_int("--pq-m"), default=16, help="sub-quantisers for --codec pq")
     p.add_argument("--view-size", type=cli.positive_int("--view-size"), default=None,
                    help="side of the views the teacher sees (default: the teacher's input size)")
-    p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=None,
+    p.add_argument("--crop-min", type=cli.fraction("--crop-min"), default=None,
                    help="RandomResizedCrop min scale (default: the teacher's training views; 0.2 for other "
                         "embedding teachers, 0.08 for probs)")
     p.add_argument("--photometric", choices=("auto", "on", "off"), default="auto",
@@ -73,11 +73,6 @@ def build_parser():
     p.add_argument("--plan", action="store_true", help="print the store's size, the free space at --out and an "
                    "estimated generation time (the teacher timed on a few images here); write nothing")
     return p
-
-
-def check(p, args) -> None:
-    if args.crop_min is not None and args.crop_min > 1:
-        p.error(f"--crop-min must be <= 1, got {args.crop_min}")
 
 
 def _codec(args, teacher):

@@ -29,7 +29,7 @@ def build_parser():
     p.add_argument("--method", choices=METHODS, default="moco")
     p.add_argument("--stem", choices=STEMS, default="default", help="small/cifar: less downsampling for tiny inputs")
     p.add_argument("--input-size", type=cli.positive_int("--input-size"), default=48, help="training crop side (px)")
-    p.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.2, help="RandomResizedCrop min scale")
+    p.add_argument("--crop-min", type=cli.fraction("--crop-min"), default=0.2, help="RandomResizedCrop min scale")
     p.add_argument("--jitter", type=cli.nonneg_float("--jitter"), default=0.8,
                    help="colour-jitter strength for brightness, contrast and saturation (MoCo v2: 0.4)")
     p.add_argument("--hue", type=cli.nonneg_float("--hue"), default=0.5, help="hue jitter (MoCo v2: 0.1)")
@@ -46,8 +46,6 @@ def build_parser():
 
 
 def check(p, args) -> None:
-    if args.crop_min > 1:
-        p.error(f"--crop-min must be <= 1, got {args.crop_min}")
     if args.hue > 0.5 or args.gray_p > 1:
         p.error("--hue must be <= 0.5 and --gray-p <= 1")
 
