@@ -236,15 +236,10 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
     src, dst = real(source), real(target)
     if len(src) != len(dst):
         raise CheckpointError(f"{what}: {len(src)} tensors but the model has {len(dst)}")
-    out = {}
     for a, b in zip(src, dst):
         if source[a].shape != target[b].shape:
             raise CheckpointError(f"{what}: tensor {a} {tuple(source[a].shape)} does not fit {b} {tuple(target[b].shape)}")
-        out[b] = source[a]
-    for k in target:
-        if k.endswith("num_batches_tracked"):
-            out[k] = target[k]
-    return out
+    return {**target, **{b: source[a] for a, b in zip(src, dst)}}  # the BN counters are the model's own
 
 
 def load_named_teacher(name: str) -> Encoder:

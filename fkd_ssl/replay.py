@@ -80,8 +80,7 @@ class StoreViews:
     def take(self, image: int, epoch: int, height: int | None = None, width: int | None = None):
         slots = select_slots(self.seed, image, epoch, self.store.views_per_image, self.k)
         if self.read_targets:
-            params, targets = self.store.read(image, slots)
-            return slots, params, targets
+            return (slots, *self.store.read(image, slots))
         return slots, self.store.params_batch(image, slots), None
 
 
@@ -105,10 +104,9 @@ class FreshViews:
 def decode_rgb(base, index: int, min_crop: tuple[float, float] | None = None, size: int = 0) -> torch.Tensor:
     """Image ``index`` of ``base`` as uint8 (3, H, W) (:func:`~fkd_ssl.data.image_io.read_uint8`: a JPEG
     drafted at the smallest scale at which every crop of ``min_crop`` keeps ``>= size`` pixels a side)."""
-    path = base.path(index) if hasattr(base, "path") else None
-    if path is None or min_crop is None:
+    if min_crop is None or not hasattr(base, "path"):
         return torch.from_numpy(np.array(base.load(index), dtype=np.uint8)).permute(2, 0, 1)
-    return read_uint8(path, min_crop, size)
+    return read_uint8(base.path(index), min_crop, size)
 
 
 def _extra_augment(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -126,11 +124,8 @@ def _extra_augment(view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
 
 
 class ReplayDataset(Dataset):
-    """Key ``(image, epoch)`` -> K views of the image rendered at the student's size (module doc).
-
-    ``source``: :class:`StoreViews` or :class:`FreshViews`; ``teacher_cfg``: the teacher's view distribution;
-    ``render_teacher``: also the views at the teacher's size; ``extra_aug``: mild student-only colour jitter.
-    """
+    """Key ``(image, epoch)`` -> K views of the image from ``source`` (:class:`StoreViews`, :class:`FreshViews`)
+    at the student's size, and with ``render_teacher`` also at the teacher's (``teacher_cfg``)."""
 
     def __init__(self, base, source, teacher_cfg: ViewConfig, student_size: int, render_teacher: bool = False,
                  extra_aug: bool = False, fast_decode: bool = False, seed: int = 0):

@@ -94,10 +94,6 @@ def check(p, args) -> None:
     resolve_spread(args, one_step=args.ssl != "none")
 
 
-def _mode(args) -> str:
-    return ("online-replay" if args.online_replay else "online") if args.online_teacher else "store"
-
-
 def _default_store(args) -> str:
     """The store gen_targets.py writes for --data and its default teacher (it must exist)."""
     default = cli.default_run_dir("store", args.data, cli.default_run_dir("teacher", args.data).name)
@@ -143,7 +139,8 @@ def run(args) -> int:
         with fdist.main_first(ctx):
             train_set = build_dataset(args.data, "train", args.data_root, verbose=ctx.is_main)
         data = _training_data(args, train_set, ctx)
-        task, mode = _task(args, data, ctx), _mode(args)
+        task = _task(args, data, ctx)
+        mode = ("online-replay" if args.online_replay else "online") if args.online_teacher else "store"
         train_student(args, data, task, ctx, train_set, cli.default_run_dir("distill", args.data, mode, args.loss,
                       args.arch), IDENTITY, partial(_meta, args, data, mode), f"distill {mode} {args.loss} {args.arch}",
                       mode=mode)
