@@ -159,10 +159,7 @@ class DistillLoss(nn.Module):
             s, t = s.float(), t.float()
             metrics: dict[str, float] = {}
             if self.probs:
-                loss = soft_ce_probs(s, t)
-                with torch.no_grad():
-                    metrics["agree"] = float((s.argmax(1) == t.argmax(1)).float().mean())
-                return loss, metrics
+                return soft_ce_probs(s, t), {"agree": float((s.argmax(1) == t.argmax(1)).float().mean())}
             t = F.normalize(t, dim=1)
             if self.center is not None:
                 t = self.center(t)
@@ -174,9 +171,8 @@ class DistillLoss(nn.Module):
                     raise RuntimeError("infonce needs the same batch size on every rank")
                 if self.multi_positive:
                     pos = image[:, None] == fdist.all_gather_cat(image)[None, :]
-                else:
-                    pos = torch.zeros(n, m, dtype=torch.bool, device=s.device)
-                    pos[torch.arange(n, device=s.device), rank * n + torch.arange(n, device=s.device)] = True
+                else:  # each view's own target
+                    pos = torch.arange(m, device=s.device)[None, :] == rank * n + torch.arange(n, device=s.device)[:, None]
                 queued = self.queue.negatives()
                 keys_all = torch.cat([keys, queued.to(keys)], dim=0)
                 pos = torch.cat([pos, torch.zeros(n, queued.shape[0], dtype=torch.bool, device=s.device)], dim=1)

@@ -6,7 +6,7 @@ Where each view's target distribution comes from is the *mode* (``--targets``); 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -76,8 +76,6 @@ def build_classifier(arch: str, stem: str, input_size: int, num_classes: int) ->
 def probe_classifier(encoder: Encoder, weight: torch.Tensor, bias: torch.Tensor, input_size: int) -> Encoder:
     """``encoder``'s backbone (frozen features) with a linear probe as its classifier: a teacher for
     supervised FKD.  ``weight`` (C, D) / ``bias`` (C,) act on the raw pooled features."""
-    from dataclasses import replace
-
     spec = replace(encoder.spec, num_classes=int(weight.shape[0]), input_size=int(input_size))
     model = Encoder(spec)
     classifier = model.backbone.get_classifier()
@@ -162,9 +160,7 @@ class SoftLabelTask(Task):
         x, t, info = mix_batch(x, t, self.mix)
         logits = self.student.logits(x)
         loss = soft_ce_probs(logits.float(), t)
-        with torch.no_grad():
-            agree = (logits.argmax(1) == t.argmax(1)).float().mean()
-        metrics = {"target_agree": float(agree)}
+        metrics = {"target_agree": float((logits.argmax(1) == t.argmax(1)).float().mean())}
         if "lam" in info:
             metrics["mix_lam"] = info["lam"]
         return loss, metrics

@@ -18,7 +18,7 @@ from .checkpoint import load_model, model_identity
 from .errors import ConfigError
 from .models import Encoder
 from .pretrained import is_pretrained_ref
-from .views import normalize
+from .views import ViewConfig, normalize
 
 TARGET_KINDS = ("proj", "feature", "probs")
 POOLS = ("cls", "mean", "cls+mean")
@@ -93,11 +93,9 @@ class TeacherTargets(nn.Module):
         return out.float()
 
 
-def default_views(teacher: TeacherTargets) -> "ViewConfig":
+def default_views(teacher: TeacherTargets) -> ViewConfig:
     """The views a store for ``teacher`` holds by default: geometry-only crops for class probabilities,
     else the teacher's own training views (or MoCo v2's), at the teacher's input size."""
-    from .views import ViewConfig
-
     interp = "bicubic" if teacher.model.spec.interpolation == "bicubic" else "bilinear"
     if teacher.kind == "probs":
         return ViewConfig(size=teacher.input_size, scale=(0.08, 1.0), photometric=False, interpolation=interp)

@@ -13,8 +13,6 @@ from .errors import ConfigError
 from .replay import FreshViews, ReplayDataset, StoreViews, reuse_warning
 from .views import ViewConfig
 
-KIND_NAMES = {"probs": "class probabilities"}
-
 
 @dataclass(frozen=True)
 class Source:
@@ -65,7 +63,7 @@ def _open_store(src: Source, train_set):
     held = store.identity.teacher.get("target")
     if src.kind is not None and held != src.kind:
         raise ConfigError(f"--store {Path(src.store).resolve()} holds {held} targets, not "
-                          f"{KIND_NAMES.get(src.kind, src.kind)}: make it with gen_targets.py and a classifier --teacher")
+                          f"{'class probabilities' if src.kind == 'probs' else src.kind}: make it with gen_targets.py and a classifier --teacher")
     return store
 
 
