@@ -172,7 +172,8 @@ class DistillLoss(nn.Module):
                 if self.multi_positive:
                     pos = image[:, None] == fdist.all_gather_cat(image)[None, :]
                 else:  # each view's own target
-                    pos = torch.arange(m, device=s.device)[None, :] == rank * n + torch.arange(n, device=s.device)[:, None]
+                    own = rank * n + torch.arange(n, device=s.device)
+                    pos = torch.arange(m, device=s.device)[None, :] == own[:, None]
                 queued = self.queue.negatives()
                 keys_all = torch.cat([keys, queued.to(keys)], dim=0)
                 pos = torch.cat([pos, torch.zeros(n, queued.shape[0], dtype=torch.bool, device=s.device)], dim=1)

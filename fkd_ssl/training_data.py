@@ -63,7 +63,8 @@ def _open_store(src: Source, train_set):
     held = store.identity.teacher.get("target")
     if src.kind is not None and held != src.kind:
         raise ConfigError(f"--store {Path(src.store).resolve()} holds {held} targets, not "
-                          f"{'class probabilities' if src.kind == 'probs' else src.kind}: make it with gen_targets.py and a classifier --teacher")
+                          f"{'class probabilities' if src.kind == 'probs' else src.kind}: make it with gen_targets.py "
+                          "and a classifier --teacher")
     return store
 
 
