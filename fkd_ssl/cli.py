@@ -24,7 +24,8 @@ from .fileio import write_text_atomic
 COMMON = ("data", "data_root", "out", "epochs", "batch_size", "workers", "device", "seed", "arch")
 
 
-def _typed(kind: type, minimum: float, strict: bool, flag: str, maximum: float | None = None):
+def bounded(kind: type, minimum: float, strict: bool, flag: str, maximum: float | None = None):
+    """argparse type: a ``kind`` number ``> minimum`` (``strict``) or ``>= minimum``, and ``<= maximum``."""
     def parse(text: str):
         try:
             v = kind(text)
@@ -41,9 +42,9 @@ def _typed(kind: type, minimum: float, strict: bool, flag: str, maximum: float |
 
 
 #: argparse types named by their flag (the flag is in every message): ``positive_int("--epochs")``
-positive_int, nonneg_int = partial(_typed, int, 1, False), partial(_typed, int, 0, False)
-positive_float, nonneg_float = partial(_typed, float, 0, True), partial(_typed, float, 0.0, False)
-fraction = partial(_typed, float, 0, True, maximum=1)  # 0 < v <= 1
+positive_int, nonneg_int = partial(bounded, int, 1, False), partial(bounded, int, 0, False)
+positive_float, nonneg_float = partial(bounded, float, 0, True), partial(bounded, float, 0.0, False)
+fraction = partial(bounded, float, 0, True, maximum=1)  # 0 < v <= 1
 
 
 def number_list(kind: type, flag: str, allow_empty: bool = False):

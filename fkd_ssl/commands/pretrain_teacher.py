@@ -32,8 +32,10 @@ def build_parser():
     p.add_argument("--crop-min", type=cli.fraction("--crop-min"), default=0.2, help="RandomResizedCrop min scale")
     p.add_argument("--jitter", type=cli.nonneg_float("--jitter"), default=0.8,
                    help="colour-jitter strength for brightness, contrast and saturation (MoCo v2: 0.4)")
-    p.add_argument("--hue", type=cli.nonneg_float("--hue"), default=0.5, help="hue jitter (MoCo v2: 0.1)")
-    p.add_argument("--gray-p", type=cli.nonneg_float("--gray-p"), default=0.5, help="grayscale probability (MoCo v2: 0.2)")
+    p.add_argument("--hue", type=cli.bounded(float, 0.0, False, "--hue", 0.5), default=0.5,
+                   help="hue jitter (MoCo v2: 0.1)")
+    p.add_argument("--gray-p", type=cli.bounded(float, 0.0, False, "--gray-p", 1), default=0.5,
+                   help="grayscale probability (MoCo v2: 0.2)")
     p.add_argument("--queue-size", type=cli.positive_int("--queue-size"), default=512,
                    help="MoCo queue length (a short queue learns faster in short runs; MoCo v2 uses 65536)")
     p.add_argument("--temperature", type=cli.positive_float("--temperature"), default=0.2)
@@ -43,11 +45,6 @@ def build_parser():
     p.add_argument("--head-bn", action="store_true", help="BatchNorm in the projection head")
     cli.add_optim_args(p, lr=0.06, weight_decay=5e-4, warmup_epochs=1.0)
     return p
-
-
-def check(p, args) -> None:
-    if args.hue > 0.5 or args.gray_p > 1:
-        p.error("--hue must be <= 0.5 and --gray-p <= 1")
 
 
 def _task(args, ctx):
