@@ -36,28 +36,12 @@ _STORE_FILE = re.compile(
 )
 
 
-def shard_name(s: int) -> str:
-    return f"shard-{s:05d}"
+SHARD_FILES = ("records.npy", "done.npy", "skipped.json", "images.npy")  # a shard's files; "sha256.json" checksums them
 
 
-def records_file(s: int) -> str:
-    return f"{shard_name(s)}.records.npy"
-
-
-def done_file(s: int) -> str:
-    return f"{shard_name(s)}.done.npy"
-
-
-def images_file(s: int) -> str:
-    return f"{shard_name(s)}.images.npy"
-
-
-def skipped_file(s: int) -> str:
-    return f"{shard_name(s)}.skipped.json"
-
-
-def checksum_file(s: int) -> str:
-    return f"{shard_name(s)}.sha256.json"
+def shard_file(s: int, kind: str) -> str:
+    """``shard-00007.<kind>``: one of :data:`SHARD_FILES` or ``sha256.json``."""
+    return f"shard-{s:05d}.{kind}"
 
 
 def codec_state_file(key: str) -> str:

@@ -64,7 +64,7 @@ class TargetStore(StoreShape):
         if not m.get("complete") or len(m.get("shards", [])) != m.get("num_shards"):
             raise DataError(f"{mpath} describes an incomplete store")
         for entry in m["shards"]:
-            cf = path / L.checksum_file(entry["shard"])
+            cf = path / L.shard_file(entry["shard"], "sha256.json")
             if not cf.exists():
                 raise DataError(f"store file {cf} is missing")
             for name, meta in entry["files"].items():
@@ -117,7 +117,7 @@ class TargetStore(StoreShape):
         """Every checksummed file of the store (relative names)."""
         out = sorted(referenced_files(self.manifest["codec"]))
         for entry in self.manifest["shards"]:
-            out += sorted(entry["files"]) + [L.checksum_file(entry["shard"])]
+            out += sorted(entry["files"]) + [L.shard_file(entry["shard"], "sha256.json")]
         return out
 
     def verify(self) -> None:
@@ -128,7 +128,7 @@ class TargetStore(StoreShape):
         if not isinstance(header, dict) or any(self.manifest.get(k) != v for k, v in header.items()):
             raise DataError(f"store file {hpath} does not match {self.path / L.MANIFEST}")
         for entry in self.manifest["shards"]:
-            cf = self.path / L.checksum_file(entry["shard"])
+            cf = self.path / L.shard_file(entry["shard"], "sha256.json")
             if L.read_json(cf) != entry:
                 raise DataError(f"store file {cf} does not match {self.path / L.MANIFEST}")
             for name, meta in entry["files"].items():
@@ -137,9 +137,9 @@ class TargetStore(StoreShape):
                     raise DataError(f"store file {f} is missing")
                 if L.file_sha256(f) != meta["sha256"]:
                     raise DataError(f"store file {f} is corrupt (sha256 differs from {cf.name})")
-            done = np.load(self.path / L.done_file(entry["shard"]), allow_pickle=False)
-            if (done == L.DONE_NOT).any():
-                raise DataError(f"store file {self.path / L.done_file(entry['shard'])} marks images as not written")
+            done = self.path / L.shard_file(entry["shard"], "done.npy")
+            if (np.load(done, allow_pickle=False) == L.DONE_NOT).any():
+                raise DataError(f"store file {done} marks images as not written")
         load_codec(self.path, self.manifest["codec"])  # codec state files against their checksums
         self.check_replay()
 
@@ -167,8 +167,9 @@ class TargetStore(StoreShape):
         mm = self._maps.get((s, images))
         if mm is None:
             start, stop = L.shard_range(s, self.num_images, self.shard_size)
-            mm = (L.open_npy(self.path / L.images_file(s), "r", self.geometry.image_dtype, (stop - start,)) if images
-                  else L.open_npy(self.path / L.records_file(s), "r", self.stored_dtype, (stop - start, self.views_per_image)))
+            kind, dtype, shape = (("images.npy", self.geometry.image_dtype, (stop - start,)) if images
+                                  else ("records.npy", self.stored_dtype, (stop - start, self.views_per_image)))
+            mm = L.open_npy(self.path / L.shard_file(s, kind), "r", dtype, shape)
             self._maps[(s, images)] = mm
         return mm
 

@@ -137,7 +137,7 @@ class StoreWriter(StoreShape):
         bad = [s for s in owned if not 0 <= s < S]
         if bad:
             raise ConfigError(f"shards {bad[:5]} are out of range for store {path} (0..{S - 1})")
-        prefixes = tuple(L.shard_name(s) + "." for s in owned)
+        prefixes = tuple(L.shard_file(s, "") for s in owned)
         for name in os.listdir(path):  # leftovers of a write killed before its rename; only we write these
             if L.is_tmp_file(name) and name.startswith(prefixes):
                 (path / name).unlink(missing_ok=True)
@@ -190,9 +190,6 @@ class StoreWriter(StoreShape):
     def _range(self, s: int) -> tuple[int, int]:
         return L.shard_range(s, self.num_images, self.shard_size)
 
-    def is_complete(self, s: int) -> bool:
-        return (self.path / L.checksum_file(s)).exists()
-
     def _shard(self, s: int) -> _Shard:
         """Open (creating on first use) the files of owned, not yet complete shard ``s``."""
         if s not in self._owned:
@@ -200,12 +197,12 @@ class StoreWriter(StoreShape):
         sh = self._open.get(s)
         if sh is not None:
             return sh
-        if self.is_complete(s):
-            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
+        if (self.path / L.shard_file(s, "sha256.json")).exists():
+            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.shard_file(s, 'sha256.json')}); "
+                              f"it is not rewritten")
         start, stop = self._range(s)
         n, R = stop - start, self.views_per_image
-        rec_p, done_p, skip_p, img_p = (self.path / f for f in (L.records_file(s), L.done_file(s), L.skipped_file(s),
-                                                                   L.images_file(s)))
+        rec_p, done_p, skip_p, img_p = (self.path / L.shard_file(s, kind) for kind in L.SHARD_FILES)
         img_dt = self.geometry.image_dtype
         if not done_p.exists():  # the done mask is created last: without it nothing was committed
             L.create_npy(rec_p, self.dtype, (n, R))
@@ -229,15 +226,11 @@ class StoreWriter(StoreShape):
             s = int(s)
             if not 0 <= s < self.num_shards:
                 raise ConfigError(f"shard {s} is out of range for store {self.path} (0..{self.num_shards - 1})")
-            start, stop = self._range(s)
-            if s in self._open:
-                done = np.asarray(self._open[s].done)
-            elif (self.path / L.done_file(s)).exists():
-                done = np.asarray(L.open_npy(self.path / L.done_file(s), "r", np.dtype(np.uint8), (stop - start,)))
-            else:
-                out.append(np.arange(start, stop, dtype=np.int64))
-                continue
-            out.append(start + np.nonzero(done == L.DONE_NOT)[0].astype(np.int64))
+            (start, stop), done_p = self._range(s), self.path / L.shard_file(s, "done.npy")
+            done = (self._open[s].done if s in self._open
+                    else L.open_npy(done_p, "r", np.dtype(np.uint8), (stop - start,)) if done_p.exists()
+                    else np.zeros(stop - start, np.uint8))  # no done mask yet: nothing written
+            out.append(start + np.flatnonzero(np.asarray(done) == L.DONE_NOT).astype(np.int64))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def write(self, indices: np.ndarray, params: np.ndarray, targets: np.ndarray, sizes=None) -> None:
@@ -329,34 +322,32 @@ class StoreWriter(StoreShape):
             sh.done.flush()
 
     def _save_skipped(self, s: int, sh: _Shard) -> None:
-        L.write_json_atomic(self.path / L.skipped_file(s), [sh.skipped[i] for i in sorted(sh.skipped)])
+        L.write_json_atomic(self.path / L.shard_file(s, "skipped.json"), [sh.skipped[i] for i in sorted(sh.skipped)])
 
     def complete_shard(self, s: int) -> dict:
         """Checksum owned shard ``s`` once every image is written or skipped (``shard-XXXXX.sha256.json``,
         returned).  Idempotent; ConfigError if images are still missing."""
         s = int(s)
-        f = self.path / L.checksum_file(s)
+        f = self.path / L.shard_file(s, "sha256.json")
         if f.exists():
             return L.read_json(f)
         sh = self._shard(s)
-        missing = int((np.asarray(sh.done) == L.DONE_NOT).sum())
+        flags, (start, stop) = np.asarray(sh.done), self._range(s)
+        missing = int((flags == L.DONE_NOT).sum())
         if missing:
             raise ConfigError(f"shard {s} of store {self.path} still misses {missing} images; write or skip them first")
-        flags = np.asarray(sh.done)
-        start = s * self.shard_size
         marked = {start + int(i) for i in np.nonzero(flags == L.DONE_SKIPPED)[0]}
         if set(sh.skipped) != marked:  # the done mask is the truth: drop stale entries
             lost = marked - set(sh.skipped)
             if lost:
-                raise DataError(f"store file {self.path / L.skipped_file(s)} lacks skipped images {sorted(lost)[:5]}")
+                raise DataError(f"store file {self.path / L.shard_file(s, 'skipped.json')} lacks skipped images {sorted(lost)[:5]}")
             sh.skipped = {i: e for i, e in sh.skipped.items() if i in marked}
             self._save_skipped(s, sh)
         self._release(s)
         del sh
-        start, stop = self._range(s)
+        names = [L.shard_file(s, kind) for kind in L.SHARD_FILES]
         entry = {"shard": s, "start": start, "stop": stop,
-                 "files": {name: L.file_entry(self.path / name) for name in (L.records_file(s), L.done_file(s), L.skipped_file(s),
-                                                                            L.images_file(s)) if (self.path / name).exists()}}
+                 "files": {name: L.file_entry(self.path / name) for name in names if (self.path / name).exists()}}
         L.write_json_atomic(f, entry)
         return entry
 
@@ -386,7 +377,7 @@ def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.
     S = header["num_shards"]
     deadline = time.monotonic() + timeout_s
     while True:
-        missing = [s for s in range(S) if not (path / L.checksum_file(s)).exists()]
+        missing = [s for s in range(S) if not (path / L.shard_file(s, "sha256.json")).exists()]
         if not missing or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
@@ -396,16 +387,16 @@ def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.
                         f"(shards {shown}); rerun the writers")
     shards, skipped = [], []
     for s in range(S):
-        entry = L.read_json(path / L.checksum_file(s))
+        entry = L.read_json(path / L.shard_file(s, "sha256.json"))
         for name, meta in entry["files"].items():
             f = path / name
             if not f.exists():
                 raise DataError(f"store file {f} is missing")
             if f.stat().st_size != meta["bytes"]:
                 raise DataError(f"store file {f} has {f.stat().st_size} bytes, its checksum file says {meta['bytes']}")
-        sk = path / L.skipped_file(s)
-        if L.file_sha256(sk) != entry["files"][L.skipped_file(s)]["sha256"]:
-            raise DataError(f"store file {sk} does not match {path / L.checksum_file(s)}")
+        sk = path / L.shard_file(s, "skipped.json")
+        if L.file_sha256(sk) != entry["files"][L.shard_file(s, "skipped.json")]["sha256"]:
+            raise DataError(f"store file {sk} does not match {path / L.shard_file(s, 'sha256.json')}")
         skipped += L.read_json(sk)
         shards.append(entry)
     manifest = {**header, "complete": True, "shards": shards, "skipped": skipped, "num_skipped": len(skipped)}
