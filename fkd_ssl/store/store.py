@@ -106,8 +106,7 @@ class TargetStore(StoreShape):
         """ConfigError naming every key of ``expected`` whose value differs from the store's
         identity (nested dicts compared key by key; keys absent from ``expected`` are ignored)."""
         want, ident = L.normalise(expected, "expected identity"), self.identity.to_dict()
-        have = {k: ident.get(k) for k in want} if isinstance(want, dict) else ident
-        diff = L.diff_keys(_restrict(have, want), want)
+        diff = L.diff_keys(_restrict(ident, want), want)
         if diff:
             shown = ", ".join(f"{d}: {L.get_dotted(ident, d)!r} (expected {L.get_dotted(want, d)!r})"
                               for d in diff[:4])
