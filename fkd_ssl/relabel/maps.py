@@ -21,7 +21,7 @@ from ..replay import FreshViews
 from ..store import FieldsCodec, StoreIdentity, StoreWriter, TargetStore, finalize, owned_shards
 from ..store import layout as L
 from ..views import PARAM_FIELDS, ViewConfig, normalize
-from .targets import ArrayLike, classifier_weights, dense_from_topk, dense_scores, relabel_targets
+from .targets import ArrayLike, classifier_weights, dense_scores, relabel_targets
 
 #: the largest class count int16 indices can hold
 MAX_CLASSES = int(np.iinfo(np.int16).max) + 1
@@ -244,11 +244,6 @@ class LabelMaps(TargetStore):
         """``(values float32 (h, w, k), indices int64 (h, w, k))`` of one image."""
         v, i = self.topk_batch(np.array([image]))
         return v[0], i[0]
-
-    def dense(self, image: int) -> torch.Tensor:
-        """float32 ``(C, h, w)``: the image's map with zeros outside the top-k."""
-        v, i = self.topk(image)
-        return dense_from_topk(v, i, self.num_classes)
 
     def __repr__(self) -> str:
         return (f"LabelMaps({str(self.path)!r}, N={self.num_images}, C={self.num_classes}, "
