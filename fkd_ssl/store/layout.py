@@ -99,6 +99,20 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def check_files(path: Path, entry: dict, source: str, sha256: bool = False) -> None:
+    """DataError naming the first file of a shard's checksum ``entry`` that is missing or whose size (with
+    ``sha256`` also digest) differs from what ``source`` records."""
+    for name, meta in entry["files"].items():
+        f = path / name
+        if not f.exists():
+            raise DataError(f"store file {f} is missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise DataError(f"store file {f} is truncated or altered ({f.stat().st_size} bytes, {source} says "
+                            f"{meta['bytes']})")
+        if sha256 and file_sha256(f) != meta["sha256"]:
+            raise DataError(f"store file {f} is corrupt (sha256 differs from {source})")
+
+
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted paths where two JSON values differ (recursing into dicts)."""
     if isinstance(old, dict) and isinstance(new, dict):

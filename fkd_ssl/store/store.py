@@ -67,14 +67,7 @@ class TargetStore(StoreShape):
             cf = path / L.shard_file(entry["shard"], "sha256.json")
             if not cf.exists():
                 raise DataError(f"store file {cf} is missing")
-            for name, meta in entry["files"].items():
-                f = path / name
-                try:
-                    size = f.stat().st_size
-                except FileNotFoundError:
-                    raise DataError(f"store file {f} is missing") from None
-                if size != meta["bytes"]:
-                    raise DataError(f"store file {f} is truncated or altered ({size} bytes, manifest says {meta['bytes']})")
+            L.check_files(path, entry, "the manifest")
         codec = load_codec(path, m["codec"])
         store = cls(path, m, codec)
         if L.dtype_to_json(store.stored_dtype) != m.get("record_dtype"):
@@ -130,12 +123,7 @@ class TargetStore(StoreShape):
             cf = self.path / L.shard_file(entry["shard"], "sha256.json")
             if L.read_json(cf) != entry:
                 raise DataError(f"store file {cf} does not match {self.path / L.MANIFEST}")
-            for name, meta in entry["files"].items():
-                f = self.path / name
-                if not f.exists():
-                    raise DataError(f"store file {f} is missing")
-                if L.file_sha256(f) != meta["sha256"]:
-                    raise DataError(f"store file {f} is corrupt (sha256 differs from {cf.name})")
+            L.check_files(self.path, entry, cf.name, sha256=True)
             done = self.path / L.shard_file(entry["shard"], "done.npy")
             if (np.load(done, allow_pickle=False) == L.DONE_NOT).any():
                 raise DataError(f"store file {done} marks images as not written")

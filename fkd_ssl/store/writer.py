@@ -387,16 +387,12 @@ def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.
                         f"(shards {shown}); rerun the writers")
     shards, skipped = [], []
     for s in range(S):
-        entry = L.read_json(path / L.shard_file(s, "sha256.json"))
-        for name, meta in entry["files"].items():
-            f = path / name
-            if not f.exists():
-                raise DataError(f"store file {f} is missing")
-            if f.stat().st_size != meta["bytes"]:
-                raise DataError(f"store file {f} has {f.stat().st_size} bytes, its checksum file says {meta['bytes']}")
+        cf = path / L.shard_file(s, "sha256.json")
+        entry = L.read_json(cf)
+        L.check_files(path, entry, str(cf))
         sk = path / L.shard_file(s, "skipped.json")
-        if L.file_sha256(sk) != entry["files"][L.shard_file(s, "skipped.json")]["sha256"]:
-            raise DataError(f"store file {sk} does not match {path / L.shard_file(s, 'sha256.json')}")
+        if L.file_sha256(sk) != entry["files"][sk.name]["sha256"]:
+            raise DataError(f"store file {sk} does not match {cf}")
         skipped += L.read_json(sk)
         shards.append(entry)
     manifest = {**header, "complete": True, "shards": shards, "skipped": skipped, "num_skipped": len(skipped)}
