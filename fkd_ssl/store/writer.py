@@ -51,9 +51,9 @@ def _log(path: Path, event: str, **extra) -> None:
         pass  # the log is a courtesy, never a reason to fail
 
 
-# header keys that must match on resume (provenance and derived values are not compared)
+# header keys that must match on resume, besides the codec (provenance and derived values are not compared)
 _COMPARED = ("format", "version", "identity", "num_images", "views_per_image", "param_dim", "target_dim",
-             "shard_size", "geometry", "codec")
+             "shard_size", "geometry")
 
 
 class _Shard:
@@ -146,24 +146,16 @@ class StoreWriter(StoreShape):
 
     @staticmethod
     def _mismatch(old: dict, want: dict, codec: Codec) -> list[str]:
-        out: list[str] = []
-        for k in _COMPARED:
-            if k == "codec":
-                oc = old.get("codec") or {}
-                if oc.get("name") != codec.name:
-                    out.append(f"codec: {oc.get('name')!r} -> {codec.name!r}")
-                    continue
-                oparams = oc.get("params") or {}
-                new = L.normalise(codec.params if codec.is_fitted else codec.config, "codec params")
-                old_cmp = oparams if codec.is_fitted else {k2: oparams.get(k2) for k2 in new}
-                out += [f"codec.params.{d}: {L.get_dotted(old_cmp, d)!r} -> {L.get_dotted(new, d)!r}"
-                        for d in L.diff_keys(old_cmp, new)]
-            elif k in ("identity", "geometry"):
-                out += [f"identity.{d}: {L.get_dotted(old.get(k), d)!r} -> {L.get_dotted(want[k], d)!r}"
-                        for d in L.diff_keys(old.get(k), want[k])]
-            elif old.get(k) != want[k]:
-                out.append(f"{k}: {old.get(k)!r} -> {want[k]!r}")
-        return out
+        out = [f"{d}: {L.get_dotted(old, d)!r} -> {L.get_dotted(want, d)!r}"
+               for k in _COMPARED for d in L.diff_keys(old.get(k), want[k], k)]
+        oc = old.get("codec") or {}
+        if oc.get("name") != codec.name:
+            return out + [f"codec: {oc.get('name')!r} -> {codec.name!r}"]
+        oparams = oc.get("params") or {}
+        new = L.normalise(codec.params if codec.is_fitted else codec.config, "codec params")
+        old_cmp = oparams if codec.is_fitted else {k: oparams.get(k) for k in new}
+        return out + [f"codec.params.{d}: {L.get_dotted(old_cmp, d)!r} -> {L.get_dotted(new, d)!r}"
+                      for d in L.diff_keys(old_cmp, new)]
 
     @staticmethod
     def _delete_store_files(path: Path) -> None:
