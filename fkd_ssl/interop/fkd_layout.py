@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -14,10 +15,14 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
+from ..data.datasets import ImageFolderDataset
 from ..data.sampler import group_loader
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_path, read_json, write_json_atomic
+from ..progress import bar
 from ..store import StoreIdentity, StoreWriter, TargetStore, TopKCodec, finalize
 from ..store import layout as L
 from ..store.codecs import f16_toward_zero
@@ -114,10 +119,6 @@ def numpy_safe_globals() -> list:
 
 def _safe_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with :func:`numpy_safe_globals`; DataError naming the file."""
-    import pickle
-
-    import torch
-
     if not hasattr(torch.serialization, "safe_globals"):
         raise ConfigError("reading FKD label files needs torch >= 2.5 (torch.serialization.safe_globals), "
                           f"found torch {torch.__version__}")
@@ -168,8 +169,6 @@ class FKDLabels:
 def _as_numpy(x: Any) -> np.ndarray | None:
     if isinstance(x, np.ndarray):
         return x
-    import torch
-
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else None
 
 
@@ -243,8 +242,6 @@ def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: 
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the image header (no decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -314,8 +311,6 @@ class ImportResult:
 
 def image_folder_dataset(dataset, flag: str = "--data"):
     """``dataset`` if it is a folder of image files (FKD mirrors an image tree), else ConfigError."""
-    from ..data.datasets import ImageFolderDataset
-
     if not isinstance(dataset, ImageFolderDataset):
         raise ConfigError(f"{flag} {dataset.name}: FKD soft labels mirror a tree of image files; use an "
                           f"imagefolder: or synthetic dataset (this one has no image files)")
@@ -340,8 +335,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
                overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ImportResult:
     """Convert the FKD soft labels of ``dataset``'s images (an image folder) into a ``topk`` store at ``out``."""
-    from ..progress import bar
-
     ds = image_folder_dataset(dataset)
     root = resolve_fkd_root(folder, ds.split)
     image_rels = [rel for rel, _ in ds.samples]
@@ -402,8 +395,6 @@ def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def save_label_file(path: Path, params: np.ndarray, indices: np.ndarray, values: np.ndarray, fp16: bool) -> None:
     """Write one FKD label file atomically: ``[coords (R,4), flips (R,), labels (R,2,k)]`` (float16 with
     ``fp16``) of our view parameters (R, P >= 5) and the views' class indices and values (R, k)."""
-    import torch
-
     ft, params = (np.float16 if fp16 else np.float32), np.asarray(params, dtype=np.float32)
     labels = np.stack([np.asarray(indices, dtype=np.float32), np.asarray(values, dtype=np.float32)], axis=1)
     state = [params[:, :4].astype(ft), params[:, _FLIP] > 0.5, labels.astype(ft)]
@@ -498,8 +489,6 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
                fp16: bool = False, overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ExportResult:
     """Write the store at ``store_path`` as FKD soft labels under ``out`` (resumable, one file per image)."""
-    from ..progress import bar
-
     from ..distill import check_made_from
 
     store = TargetStore.open(store_path)

@@ -17,6 +17,7 @@ from ..data.image_io import load_uint8
 from ..data.sampler import group_loader
 from ..errors import ConfigError, DataError
 from ..models import Encoder
+from ..progress import bar
 from ..replay import FreshViews
 from ..store import FieldsCodec, StoreIdentity, StoreWriter, TargetStore, finalize, owned_shards
 from ..store import layout as L
@@ -130,8 +131,6 @@ def topk_maps(model: Encoder, images: list[torch.Tensor], k: int, device: torch.
 def fill_label_maps(model: Encoder, dataset, writer: StoreWriter, *, batch_size: int = 32, workers: int = 0,
                     device: str | torch.device = "cpu", amp: bool = True, show_progress: bool = True) -> LabelMapStats:
     """Compute and write the maps of the images ``writer`` still misses, in fixed groups of ``batch_size``."""
-    from ..progress import bar
-
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     device, t0 = torch.device(device), time.time()
