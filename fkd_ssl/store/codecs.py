@@ -118,34 +118,30 @@ class Fp32Codec(Codec):
     """Lossless float32 features: field ``x`` float32 (D,)."""
 
     name = "fp32"
+    _dtype = "<f4"
 
     def fields(self, dim: int) -> FieldSpec:
-        return {"x": ("<f4", (dim,))}
+        return {"x": (self._dtype, (dim,))}
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {"x": _as_batch(x, None).copy()}
+        return {"x": _as_batch(x, None).astype(self._dtype)}
 
     def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return np.array(arrays["x"], dtype=np.float32)
+        return np.asarray(arrays["x"]).astype(np.float32)
 
 
-class Fp16Codec(Codec):
+class Fp16Codec(Fp32Codec):
     """Half-precision features: field ``x`` float16 (D,). Values beyond +-65504 are refused."""
 
     name = "fp16"
+    _dtype = "<f2"
     _MAX = float(np.finfo(np.float16).max)
-
-    def fields(self, dim: int) -> FieldSpec:
-        return {"x": ("<f2", (dim,))}
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = _as_batch(x, None)
         if x.size and float(np.abs(x).max()) > self._MAX:
             raise DataError(f"codec fp16: a target value exceeds the float16 range (|x| <= {self._MAX:g}); use fp32 or int8")
-        return {"x": x.astype(np.float16)}
-
-    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(arrays["x"]).astype(np.float32)
+        return super().encode(x)
 
 
 class Int8Codec(Codec):
