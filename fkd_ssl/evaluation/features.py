@@ -32,9 +32,6 @@ DEFAULT_PIXEL_SIZE = 32
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-# ----------------------------------------------------------------------------- transforms
-
-
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
                    interpolation: str = "bilinear", crop_pct: float = 0.875) -> tuple[Callable, dict]:
     """Resize (shorter side to ``round(S / crop_pct)``) + centre crop ``S`` + normalise; also its JSON description."""
@@ -62,9 +59,6 @@ def spec_eval_transform(spec: ModelSpec, input_size: int | None = None) -> tuple
     """:func:`eval_transform` from a model spec (``input_size`` overrides ``spec.input_size``)."""
     return eval_transform(input_size or spec.input_size, spec.mean, spec.std, spec.interpolation,
                           float(spec.extra.get("crop_pct", 0.875)))
-
-
-# ----------------------------------------------------------------------------- feature sources
 
 
 @dataclass
@@ -179,9 +173,6 @@ def default_out_dir(source: FeatureSource) -> Path:
     return Path("runs") / "eval" / _slug(source.name)
 
 
-# ----------------------------------------------------------------------------- the cache
-
-
 @dataclass
 class FeatureSet:
     """Features ``(N, D)`` and labels ``(N,)`` of one split, with the cache manifest."""
@@ -191,13 +182,6 @@ class FeatureSet:
     manifest: dict
     cached: bool = False
     seconds: float = 0.0
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
 
 
 def cache_key(source: FeatureSource, dataset: IndexedDataset, dtype: str) -> tuple[str, dict]:

@@ -37,9 +37,6 @@ FP16_MAX_CLASSES = 2048
 _FLIP = PARAM_FIELDS.index("flip")
 
 
-# ----------------------------------------------------------------------------- naming
-
-
 def label_relpath(image_rel: str, split: str) -> str:
     """Where FKD keeps one image's labels: ``"n0144/x_1.JPEG"`` -> ``"train/n0144/x_1.tar"``."""
     parts = PurePath(image_rel).parts
@@ -99,9 +96,6 @@ def match_tree(expected: Sequence[str], present: dict[str, int], root: Path, ima
         parts.append(f"{len(extra)} label files have no image (first: {root / extra[0]})")
     if parts:
         raise DataError(f"FKD folder {root} does not match the images of --data {data_name}: " + "; ".join(parts))
-
-
-# ----------------------------------------------------------------------------- safe reading
 
 
 def numpy_safe_globals() -> list:
@@ -219,9 +213,6 @@ def label_type_name(layout: str, k: int, mode: str) -> str:
     return f"marginal_smoothing_k{k}" if mode == "smooth" else "marginal_renorm"
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
 def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
     """FKD crops -> (view parameters float32 (R, VIEW_PARAM_DIM), number of boxes clamped into the image).
 
@@ -250,9 +241,6 @@ def _image_size(path: Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read the size of image {path}: {e}") from None
     return int(h), int(w)
-
-
-# ----------------------------------------------------------------------------- import
 
 
 def topk_fields(labels: FKDLabels, num_classes: int, path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -380,9 +368,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
     finalize(out)
     result.already_complete = False
     return result
-
-
-# ----------------------------------------------------------------------------- export
 
 
 def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

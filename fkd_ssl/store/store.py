@@ -36,8 +36,6 @@ class TargetStore(StoreShape):
         self._maps: dict[tuple[int, bool], np.memmap] = {}
         self._pid = os.getpid()
 
-    # ------------------------------------------------------------------ opening / checking
-
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, expect_identity: dict | None = None) -> "TargetStore":
         """Open the store at ``path`` (manifest, version, file sizes; ``verify``: all checksums).
@@ -140,8 +138,6 @@ class TargetStore(StoreShape):
         """Total bytes of the store's checksummed files."""
         return sum((self.path / n).stat().st_size for n in self.files())
 
-    # ------------------------------------------------------------------ reading
-
     def valid_indices(self) -> np.ndarray:
         """int64 (N - skipped,): image indices that have targets (ascending)."""
         return np.nonzero(~self._skip_mask)[0].astype(np.int64)
@@ -218,8 +214,6 @@ class TargetStore(StoreShape):
 
     def _decode(self, rec: np.ndarray) -> np.ndarray:
         return self.codec.decode({f: rec[f] for f in self._fields})
-
-    # ------------------------------------------------------------------ pickling (spawned workers)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

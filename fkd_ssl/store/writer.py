@@ -75,8 +75,6 @@ class StoreWriter(StoreShape):
         self.dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
 
-    # ------------------------------------------------------------------ creation / resume
-
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike, identity: StoreIdentity | dict, *, num_images: int, views_per_image: int,
                          param_dim: int, target_dim: int, codec: Codec, shard_size: int = 4096,
@@ -176,8 +174,6 @@ class StoreWriter(StoreShape):
                   "provenance": L.normalise(provenance, "provenance")}
         L.write_json_atomic(path / L.HEADER, header, exclusive=True)  # first creator wins
         _log(path, "create")
-
-    # ------------------------------------------------------------------ shards
 
     def _range(self, s: int) -> tuple[int, int]:
         return L.shard_range(s, self.num_images, self.shard_size)
