@@ -297,10 +297,10 @@ class ImportResult:
     already_complete: bool
 
 
-def image_folder_dataset(dataset, flag: str = "--data"):
+def image_folder_dataset(dataset):
     """``dataset`` if it is a folder of image files (FKD mirrors an image tree), else ConfigError."""
     if not isinstance(dataset, ImageFolderDataset):
-        raise ConfigError(f"{flag} {dataset.name}: FKD soft labels mirror a tree of image files; use an "
+        raise ConfigError(f"--data {dataset.name}: FKD soft labels mirror a tree of image files; use an "
                           f"imagefolder: or synthetic dataset (this one has no image files)")
     return dataset
 

@@ -166,11 +166,8 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
                      batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu", amp: bool = True,
                      overwrite: bool = False, show_progress: bool = True, provenance: dict | None = None,
                      shard_size: int = 4096, rank: int = 0, world_size: int = 1) -> LabelMapStats:
-    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps.
-
-    Under ``torchrun`` rank 0 first calls :func:`open_label_map_writer` with ``shards=[]``, every rank then
-    calls this, and rank 0 finalizes after a barrier.
-    """
+    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps
+    (under ``torchrun`` every rank calls this after :func:`open_label_map_writer`; rank 0 finalizes)."""
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)
     shards = owned_shards(L.num_shards(len(dataset), shard_size), rank, world_size)
@@ -186,9 +183,7 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
 
 
 class LabelMaps(TargetStore):
-    """Finished label maps opened for reading (:meth:`open`): a :class:`TargetStore` (``verify``,
-    ``nbytes``, ``valid_indices``, ``skipped``, ``manifest``, ...) that also knows the maps'
-    ``num_classes`` C, ``k``, ``height`` h, ``width`` w, ``input_size`` and ``teacher``."""
+    """Finished label maps opened for reading (:meth:`open`): a :class:`TargetStore` that knows the maps' shape."""
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, dataset=None) -> "LabelMaps":  # type: ignore[override]

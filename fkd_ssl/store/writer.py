@@ -68,7 +68,6 @@ class StoreWriter(StoreShape):
 
     def __init__(self, path: Path, header: dict, codec: Codec, shards: list[int], sync: bool):
         super().__init__(path, header, codec)
-        self.header = header
         self.shards = shards
         self._owned = set(shards)
         self.sync = sync
@@ -84,8 +83,7 @@ class StoreWriter(StoreShape):
         """Create the store at ``path`` or resume the one there (same identity, sizes, geometry and codec, else
         ConfigError naming the differing keys; ``overwrite=True`` replaces it).  A trained codec may be
         passed unfitted when resuming.  ``shards``: those this process writes (default all).  ``geometry``:
-        how view parameters are kept (default :func:`~.geometry.default_geometry`).
-        """
+        how view parameters are kept (default :func:`~.geometry.default_geometry`)."""
         path = Path(path)
         for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
                             ("param_dim", param_dim, 0), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
