@@ -110,8 +110,7 @@ def resolve_path(ref: str | os.PathLike) -> Path:
 
 def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        tensors, _ = _read(path)
-        return tensors
+        return _read(path)[0]
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import load_model, model_identity, weights_digest
+from ..checkpoint import load_model, model_identity, resolve_path, weights_digest
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
 from ..errors import CheckpointError, ConfigError, DataError, prepare_out_dir
@@ -167,8 +167,6 @@ def default_out_dir(source: FeatureSource) -> Path:
     """Where an evaluation's JSON goes by default: beside a checkpoint file, else ``runs/eval/<name>``."""
     ref = source.ref
     if source.encoder is not None and ref not in NAMED_TEACHERS and not ref.startswith("random:"):
-        from ..checkpoint import resolve_path
-
         return resolve_path(ref).parent / "eval"
     return Path("runs") / "eval" / _slug(source.name)
 

@@ -284,11 +284,8 @@ def _read_chunk(image_paths: list[Path], label_paths: list[Path], first: FKDLabe
 
 @dataclass
 class ImportResult:
-    """What :func:`import_fkd` did: the store's shape, and this run's images and clamped boxes."""
+    """What :func:`import_fkd` did: the store's top-k, and this run's images and clamped boxes."""
 
-    path: Path
-    num_images: int
-    views_per_image: int
     k: int
     num_classes: int
     label_type: str
@@ -338,7 +335,7 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
         raise ConfigError("FKD soft labels hold geometry only: the view config must have photometric=False")
     identity = import_identity(root, files, first, C, mode, views, ds)
     out = Path(out)
-    result = ImportResult(out, len(ds), first.num_crops, first.k, C, identity.teacher["label_type"], 0, 0, True)
+    result = ImportResult(first.k, C, identity.teacher["label_type"], 0, 0, True)
     if (out / L.MANIFEST).exists() and not overwrite:
         try:
             done = TargetStore.open(out)
@@ -392,12 +389,10 @@ def save_label_file(path: Path, params: np.ndarray, indices: np.ndarray, values:
 class ExportResult:
     """What :func:`export_fkd` did: files written by this run, files in all, k, label type."""
 
-    path: Path
     written: int
     files: int
     k: int
     label_type: str
-    skipped: int
     already_complete: bool
 
 
@@ -486,8 +481,7 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     resume, finished = _resume_export(out, spec, overwrite)
     if finished is not None:
         log(f"export {out} is already complete ({finished.get('files')} files)")
-        return ExportResult(out, 0, int(finished.get("files", 0)), k, spec["label_type"],
-                            len(finished.get("skipped", [])), True)
+        return ExportResult(0, int(finished.get("files", 0)), k, spec["label_type"], True)
     out.mkdir(parents=True, exist_ok=True)
     if resume:  # leftovers of writes killed before their rename
         for f in (out / ds.split).rglob(f"*{LABEL_SUFFIX}.tmp.*"):
@@ -509,4 +503,4 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     if skipped:
         log(f"warning: {len(skipped)} images were skipped when the store was written and have no label file "
             f"(first: {ds.samples[skipped[0]][0]}); FKD's trainer expects one file per image")
-    return ExportResult(out, len(todo), n_files, k, spec["label_type"], len(skipped), False)
+    return ExportResult(len(todo), n_files, k, spec["label_type"], False)
