@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import load_model, model_identity, resolve_path, weights_digest
 from ..data.datasets import IndexedDataset
@@ -225,13 +226,6 @@ def _open_partial(folder: Path, n: int, d: int, dtype: str) -> tuple[np.memmap, 
     return np.load(feats_path, mmap_mode="r+"), np.load(filled_path, mmap_mode="r+")
 
 
-def _loader(dataset: IndexedDataset, indices: np.ndarray, batch_size: int, workers: int, device: torch.device):
-    from torch.utils.data import DataLoader, Subset
-
-    return DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
-
-
 def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistContext, *, batch_size: int = 256,
                      workers: int = 2, cache_dir: str | os.PathLike | None = None, dtype: str = "float16",
                      flush_every: int = 50, progress: bool = True) -> FeatureSet | None:
@@ -269,7 +263,8 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
     source.to(ctx.device)
     labels_seen = np.full(n, -1, dtype=np.int64) if ctx.is_main else None
     try:
-        it = iter(_loader(dataset, mine, batch_size, workers, ctx.device)) if len(mine) else iter(())
+        it = iter(DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size, num_workers=workers,
+                             pin_memory=ctx.device.type == "cuda")) if len(mine) else iter(())
         pbar = bar(len(todo), f"features {dataset.split}", "img", enabled=ctx.is_main and progress)
         for step in range(steps):
             batch = next(it, None)

@@ -148,23 +148,16 @@ def open_npy(path: Path, mode: str, dtype: np.dtype, shape: tuple[int, ...]) -> 
     return mm
 
 
-def preallocate(f) -> None:
-    """Reserve the disk blocks of an open file (a new memmap is sparse): a full disk is then an
-    OSError here, not a SIGBUS at a later write through the map."""
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-
-
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    """Create a zero-filled, preallocated ``.npy`` atomically."""
+    """Create a zero-filled ``.npy`` atomically, its disk blocks reserved (a new memmap is sparse): a full disk
+    is then an OSError here, not a SIGBUS at a later write through the map."""
     with atomic_path(path) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            preallocate(f)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "rb+") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
 
