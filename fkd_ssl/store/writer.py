@@ -42,11 +42,8 @@ def _log(path: Path, event: str, **extra) -> None:
     line = json.dumps({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                        "pid": os.getpid(), **extra}, sort_keys=True, default=str)
     try:
-        fd = os.open(path / L.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
+        with open(path / L.LOG, "ab", buffering=0) as f:  # appended in one write: ranks' lines do not interleave
+            f.write((line + "\n").encode())
     except OSError:
         pass  # the log is a courtesy, never a reason to fail
 
