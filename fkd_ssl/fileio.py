@@ -69,13 +69,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = F
     return True
 
 
-def canonical_json(obj: Any) -> str:
-    """The one text form of the JSON files the project writes (sorted keys, fixed indent)."""
-    return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n"
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any, exclusive: bool = False) -> bool:
-    return write_bytes_atomic(path, canonical_json(obj).encode(), exclusive=exclusive)
+    """:func:`write_bytes_atomic` of ``obj`` in the one text form of the project's JSON (sorted keys, indent 1)."""
+    return write_bytes_atomic(path, (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n").encode(),
+                              exclusive=exclusive)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
