@@ -31,10 +31,8 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tu
             continue
         take = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
         held.append(rng.permutation(members)[:take])
-    hold = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    mask = np.ones(len(labels), dtype=bool)
-    mask[hold] = False
-    return np.flatnonzero(mask).astype(np.int64), hold.astype(np.int64)
+    hold = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels), dtype=np.int64), hold), hold
 
 
 @dataclass
