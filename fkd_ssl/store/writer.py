@@ -323,7 +323,8 @@ class StoreWriter(StoreShape):
         if set(sh.skipped) != marked:  # the done mask is the truth: drop stale entries
             lost = marked - set(sh.skipped)
             if lost:
-                raise DataError(f"store file {self.path / L.shard_file(s, 'skipped.json')} lacks skipped images {sorted(lost)[:5]}")
+                raise DataError(f"store file {self.path / L.shard_file(s, 'skipped.json')} lacks skipped images "
+                                f"{sorted(lost)[:5]}")
             sh.skipped = {i: e for i, e in sh.skipped.items() if i in marked}
             self._save_skipped(s, sh)
         self._release(s)
