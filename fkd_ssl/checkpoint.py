@@ -53,9 +53,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return tensors, meta
 
 
-# ----------------------------------------------------------------------------- model checkpoints
-
-
 def save_model(path: str | os.PathLike, model: Encoder, meta: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (``.safetensors`` added if missing) + a ``.json`` sidecar."""
     path = Path(path)
@@ -113,8 +110,7 @@ def resolve_path(ref: str | os.PathLike) -> Path:
 
 def _plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        tensors, _ = _read(path)
-        return tensors
+        return _read(path)[0]
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -237,9 +233,6 @@ def load_model(ref: str | os.PathLike, arch: str | None = None, device: str | to
     if expect == "projector" and model.projector is None:
         raise CheckpointError(f"checkpoint {ref} has no projection head; use --target feature")
     return model.to(device).eval(), meta
-
-
-# ----------------------------------------------------------------------------- training state
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

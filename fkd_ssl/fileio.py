@@ -6,6 +6,7 @@ A temporary file beside the target is flushed and renamed over it; a full or rea
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,11 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DataError, writing
-
-
-def tmp_name(path: Path) -> Path:
-    """The temporary name a write of ``path`` uses (unique per host and process)."""
-    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}-{os.getpid()}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,18 +32,26 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
-    """Yield a temporary path (keeping ``path``'s suffix) to write to; on success it replaces ``path``."""
+def atomic_path(path: str | os.PathLike, fsync: bool = True, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path (unique per host and process, keeping ``path``'s suffix) to write to; on
+    success it replaces ``path``.  With ``exclusive`` it only creates an absent ``path`` (else FileExistsError)."""
     path = Path(path)
-    tmp = tmp_name(path)
-    tmp = tmp.with_name(tmp.name + path.suffix) if path.suffix else tmp
+    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}-{os.getpid()}{path.suffix}")
     try:
         with writing(path):
             yield tmp
             if fsync and tmp.exists():
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if not exclusive:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # raises FileExistsError
+                except OSError as e:  # a filesystem without hard links: create-if-absent, not race-free
+                    if isinstance(e, FileExistsError) or path.exists():
+                        raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+                    os.replace(tmp, path)
         if fsync:
             fsync_dir(path.parent)
     finally:
@@ -56,43 +60,19 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, exclusive: bool = False, fsync: bool = True) -> bool:
-    """Write ``data`` to ``path`` via a temporary file, fsync (unless ``fsync`` is False) and rename.
-    With ``exclusive`` the file is only created if absent; returns whether this call created it."""
-    path = Path(path)
-    tmp = tmp_name(path)
+    """Write ``data`` to ``path`` by :func:`atomic_path`; returns whether it was written (``exclusive``: created)."""
     try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            if exclusive:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-                except OSError:  # a filesystem without hard links: create-if-absent, not race-free
-                    if path.exists():
-                        return False
-                    os.replace(tmp, path)
-            else:
-                os.replace(tmp, path)
-        if fsync:
-            fsync_dir(path.parent)
-        return True
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def canonical_json(obj: Any) -> str:
-    """The one text form of the JSON files the project writes (sorted keys, fixed indent)."""
-    return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n"
+        with atomic_path(path, fsync, exclusive) as tmp:
+            tmp.write_bytes(data)
+    except FileExistsError:
+        return False
+    return True
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, exclusive: bool = False) -> bool:
-    return write_bytes_atomic(path, canonical_json(obj).encode(), exclusive=exclusive)
+    """:func:`write_bytes_atomic` of ``obj`` in the one text form of the project's JSON (sorted keys, indent 1)."""
+    return write_bytes_atomic(path, (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n").encode(),
+                              exclusive=exclusive)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = True) -> None:

@@ -307,7 +307,7 @@ def test_skip_then_written_on_rerun_keeps_store_consistent(tmp_path, reference):
     w.skip(13, "/data/img13.jpg", "cannot identify image file")
     del w
     # as if killed after the skip list was saved but before image 3's done flag was set
-    done = np.load(path / L.done_file(0), mmap_mode="r+")
+    done = np.load(path / L.shard_file(0, "done.npy"), mmap_mode="r+")
     done[3] = 0
     done.flush()
     del done
@@ -407,7 +407,7 @@ def test_flipped_byte_in_any_file_is_found_by_verify(tmp_path, pq_codec):
         try:
             with pytest.raises(DataError, match=name.replace(".", r"\.")):
                 TargetStore.open(path).verify()  # a codec file already fails at open, naming it
-            if name == L.records_file(1):
+            if name == L.shard_file(1, "records.npy"):
                 r = subprocess.run([sys.executable, "-m", "fkd_ssl.store", "verify", str(path)],
                                    capture_output=True, text=True)
                 assert r.returncode != 0 and name in r.stderr and "\n" not in r.stderr.strip()
@@ -423,7 +423,7 @@ def test_truncated_or_missing_array_is_found_on_open(tmp_path, reference):
     path = tmp_path / "s"
     shutil.copytree(reference, path)
     TargetStore.open(path)
-    rec = path / L.records_file(2)
+    rec = path / L.shard_file(2, "records.npy")
     orig = rec.read_bytes()
     rec.write_bytes(orig[:-100])
     with pytest.raises(DataError, match=r"shard-00002\.records\.npy is truncated"):
@@ -432,7 +432,7 @@ def test_truncated_or_missing_array_is_found_on_open(tmp_path, reference):
     with pytest.raises(DataError, match=r"shard-00002\.records\.npy is missing"):
         TargetStore.open(path)
     rec.write_bytes(orig)
-    (path / L.checksum_file(4)).unlink()
+    (path / L.shard_file(4, "sha256.json")).unlink()
     with pytest.raises(DataError, match=r"shard-00004\.sha256\.json is missing"):
         TargetStore.open(path)
     (path / L.MANIFEST).unlink()

@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint import load_model, model_identity, weights_digest
+from ..checkpoint import load_model, model_identity, resolve_path, weights_digest
 from ..data.datasets import IndexedDataset
 from ..dist import DistContext, all_gather_cat, barrier, broadcast_object
 from ..errors import CheckpointError, ConfigError, DataError, prepare_out_dir
@@ -30,9 +31,6 @@ OUTPUTS = ("backbone", "head")
 DTYPES = ("float16", "float32")
 DEFAULT_PIXEL_SIZE = 32
 _FP16_MAX = float(np.finfo(np.float16).max)
-
-
-# ----------------------------------------------------------------------------- transforms
 
 
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
@@ -62,9 +60,6 @@ def spec_eval_transform(spec: ModelSpec, input_size: int | None = None) -> tuple
     """:func:`eval_transform` from a model spec (``input_size`` overrides ``spec.input_size``)."""
     return eval_transform(input_size or spec.input_size, spec.mean, spec.std, spec.interpolation,
                           float(spec.extra.get("crop_pct", 0.875)))
-
-
-# ----------------------------------------------------------------------------- feature sources
 
 
 @dataclass
@@ -173,13 +168,8 @@ def default_out_dir(source: FeatureSource) -> Path:
     """Where an evaluation's JSON goes by default: beside a checkpoint file, else ``runs/eval/<name>``."""
     ref = source.ref
     if source.encoder is not None and ref not in NAMED_TEACHERS and not ref.startswith("random:"):
-        from ..checkpoint import resolve_path
-
         return resolve_path(ref).parent / "eval"
     return Path("runs") / "eval" / _slug(source.name)
-
-
-# ----------------------------------------------------------------------------- the cache
 
 
 @dataclass
@@ -191,13 +181,6 @@ class FeatureSet:
     manifest: dict
     cached: bool = False
     seconds: float = 0.0
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
 
 
 def cache_key(source: FeatureSource, dataset: IndexedDataset, dtype: str) -> tuple[str, dict]:
@@ -243,13 +226,6 @@ def _open_partial(folder: Path, n: int, d: int, dtype: str) -> tuple[np.memmap, 
     return np.load(feats_path, mmap_mode="r+"), np.load(filled_path, mmap_mode="r+")
 
 
-def _loader(dataset: IndexedDataset, indices: np.ndarray, batch_size: int, workers: int, device: torch.device):
-    from torch.utils.data import DataLoader, Subset
-
-    return DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
-
-
 def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistContext, *, batch_size: int = 256,
                      workers: int = 2, cache_dir: str | os.PathLike | None = None, dtype: str = "float16",
                      flush_every: int = 50, progress: bool = True) -> FeatureSet | None:
@@ -287,7 +263,8 @@ def extract_features(source: FeatureSource, dataset: IndexedDataset, ctx: DistCo
     source.to(ctx.device)
     labels_seen = np.full(n, -1, dtype=np.int64) if ctx.is_main else None
     try:
-        it = iter(_loader(dataset, mine, batch_size, workers, ctx.device)) if len(mine) else iter(())
+        it = iter(DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size, num_workers=workers,
+                             pin_memory=ctx.device.type == "cuda")) if len(mine) else iter(())
         pbar = bar(len(todo), f"features {dataset.split}", "img", enabled=ctx.is_main and progress)
         for step in range(steps):
             batch = next(it, None)

@@ -153,11 +153,9 @@ def knn_evaluate(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
     results = []
     for mode, k_list in (("weighted", ks), ("majority", majority_ks)):
         for k in k_list:
-            ranked = []
-            for q0 in range(0, len(labels_t), query_chunk):
-                sl = slice(q0, q0 + query_chunk)
-                ranked.append(ranked_classes(vote(nb_labels[sl, :k], nb_sims[sl, :k], num_classes, mode, temperature)))
-            r = torch.cat(ranked)
+            r = torch.cat([ranked_classes(vote(nb_labels[q0:q0 + query_chunk, :k], nb_sims[q0:q0 + query_chunk, :k],
+                                               num_classes, mode, temperature))
+                           for q0 in range(0, len(labels_t), query_chunk)])
             acc = topk_accuracy(r, labels_t)
             results.append(KnnResult(mode, int(k), temperature if mode == "weighted" else None,
                                      100.0 * acc[1], 100.0 * acc[5], r[:, 0].numpy()))

@@ -6,6 +6,7 @@ The protocol (held-out weight-decay sweep, then a refit) is in docs/evaluation.m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -30,10 +31,8 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tu
             continue
         take = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
         held.append(rng.permutation(members)[:take])
-    hold = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    mask = np.ones(len(labels), dtype=bool)
-    mask[hold] = False
-    return np.flatnonzero(mask).astype(np.int64), hold.astype(np.int64)
+    hold = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels), dtype=np.int64), hold), hold
 
 
 @dataclass
@@ -73,16 +72,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float, 
     """
     if wd < 0:
         raise ConfigError(f"weight decay must be >= 0, got {wd}")
-    if init is not None:
-        mean, std = init.mean, init.std
-    else:
-        mean, std = stats if stats is not None else standardizer(x)
+    if init is None:
+        zeros = partial(torch.zeros, dtype=x.dtype, device=x.device)
+        init = LinearModel(zeros(num_classes, x.shape[1]), zeros(num_classes), *(stats or standardizer(x)))
+    mean, std = init.mean, init.std
     z = (x - mean) / std
-    d = x.shape[1]
-    w = (init.weight.clone() if init is not None else torch.zeros(num_classes, d, dtype=x.dtype, device=x.device))
-    b = (init.bias.clone() if init is not None else torch.zeros(num_classes, dtype=x.dtype, device=x.device))
-    w.requires_grad_(True)
-    b.requires_grad_(True)
+    w, b = init.weight.clone().requires_grad_(True), init.bias.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 

@@ -111,6 +111,3 @@ def full_linear_probe(source: FeatureSource, train_ds: IndexedDataset, val_ds: I
 
 def default_state_path(out_dir: Path, output: str) -> Path:
     return out_dir / ("linear_probe_full" + ("_head" if output == "head" else "") + ".state.safetensors")
-
-
-__all__ = ["FullProbeConfig", "full_linear_probe", "train_transform", "default_state_path"]

@@ -86,10 +86,9 @@ def append_rows(table: str | os.PathLike, rows: Sequence[dict]) -> Path:
 
 def _from_csv(rec: dict) -> dict:
     out: dict = dict(rec)
-    for key in ("n_train", "n_val", "num_classes", "k", "feature_dim", "input_size"):
-        out[key] = int(rec[key]) if rec.get(key) not in (None, "") else None
-    for key in ("T", "top1", "top5", "seconds", "extract_seconds"):
-        out[key] = float(rec[key]) if rec.get(key) not in (None, "") else None
+    for cast, keys in ((int, ("n_train", "n_val", "num_classes", "k", "feature_dim", "input_size")),
+                       (float, ("T", "top1", "top5", "seconds", "extract_seconds"))):
+        out.update({key: cast(rec[key]) if rec.get(key) not in (None, "") else None for key in keys})
     out["cached"] = rec.get("cached") == "True"
     out["extra"] = json.loads(rec["extra"]) if rec.get("extra") else {}
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -14,10 +15,14 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
+from ..data.datasets import ImageFolderDataset
 from ..data.sampler import group_loader
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_path, read_json, write_json_atomic
+from ..progress import bar
 from ..store import StoreIdentity, StoreWriter, TargetStore, TopKCodec, finalize
 from ..store import layout as L
 from ..store.codecs import f16_toward_zero
@@ -30,9 +35,6 @@ IMPORT_CHUNK = 16
 FP16_MAX_CLASSES = 2048
 
 _FLIP = PARAM_FIELDS.index("flip")
-
-
-# ----------------------------------------------------------------------------- naming
 
 
 def label_relpath(image_rel: str, split: str) -> str:
@@ -96,9 +98,6 @@ def match_tree(expected: Sequence[str], present: dict[str, int], root: Path, ima
         raise DataError(f"FKD folder {root} does not match the images of --data {data_name}: " + "; ".join(parts))
 
 
-# ----------------------------------------------------------------------------- safe reading
-
-
 def numpy_safe_globals() -> list:
     """The allow-list for ``torch.load(weights_only=True)`` of FKD label files (numpy array types)."""
     try:
@@ -114,10 +113,6 @@ def numpy_safe_globals() -> list:
 
 def _safe_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with :func:`numpy_safe_globals`; DataError naming the file."""
-    import pickle
-
-    import torch
-
     if not hasattr(torch.serialization, "safe_globals"):
         raise ConfigError("reading FKD label files needs torch >= 2.5 (torch.serialization.safe_globals), "
                           f"found torch {torch.__version__}")
@@ -168,8 +163,6 @@ class FKDLabels:
 def _as_numpy(x: Any) -> np.ndarray | None:
     if isinstance(x, np.ndarray):
         return x
-    import torch
-
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else None
 
 
@@ -220,9 +213,6 @@ def label_type_name(layout: str, k: int, mode: str) -> str:
     return f"marginal_smoothing_k{k}" if mode == "smooth" else "marginal_renorm"
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
 def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
     """FKD crops -> (view parameters float32 (R, VIEW_PARAM_DIM), number of boxes clamped into the image).
 
@@ -243,8 +233,6 @@ def coords_to_params(coords: np.ndarray, flips: np.ndarray, height: int, width: 
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the image header (no decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -253,9 +241,6 @@ def _image_size(path: Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read the size of image {path}: {e}") from None
     return int(h), int(w)
-
-
-# ----------------------------------------------------------------------------- import
 
 
 def topk_fields(labels: FKDLabels, num_classes: int, path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -299,11 +284,8 @@ def _read_chunk(image_paths: list[Path], label_paths: list[Path], first: FKDLabe
 
 @dataclass
 class ImportResult:
-    """What :func:`import_fkd` did: the store's shape, and this run's images and clamped boxes."""
+    """What :func:`import_fkd` did: the store's top-k, and this run's images and clamped boxes."""
 
-    path: Path
-    num_images: int
-    views_per_image: int
     k: int
     num_classes: int
     label_type: str
@@ -312,12 +294,10 @@ class ImportResult:
     already_complete: bool
 
 
-def image_folder_dataset(dataset, flag: str = "--data"):
+def image_folder_dataset(dataset):
     """``dataset`` if it is a folder of image files (FKD mirrors an image tree), else ConfigError."""
-    from ..data.datasets import ImageFolderDataset
-
     if not isinstance(dataset, ImageFolderDataset):
-        raise ConfigError(f"{flag} {dataset.name}: FKD soft labels mirror a tree of image files; use an "
+        raise ConfigError(f"--data {dataset.name}: FKD soft labels mirror a tree of image files; use an "
                           f"imagefolder: or synthetic dataset (this one has no image files)")
     return dataset
 
@@ -340,8 +320,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
                overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ImportResult:
     """Convert the FKD soft labels of ``dataset``'s images (an image folder) into a ``topk`` store at ``out``."""
-    from ..progress import bar
-
     ds = image_folder_dataset(dataset)
     root = resolve_fkd_root(folder, ds.split)
     image_rels = [rel for rel, _ in ds.samples]
@@ -357,7 +335,7 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
         raise ConfigError("FKD soft labels hold geometry only: the view config must have photometric=False")
     identity = import_identity(root, files, first, C, mode, views, ds)
     out = Path(out)
-    result = ImportResult(out, len(ds), first.num_crops, first.k, C, identity.teacher["label_type"], 0, 0, True)
+    result = ImportResult(first.k, C, identity.teacher["label_type"], 0, 0, True)
     if (out / L.MANIFEST).exists() and not overwrite:
         try:
             done = TargetStore.open(out)
@@ -389,9 +367,6 @@ def import_fkd(folder: str | os.PathLike, dataset, out: str | os.PathLike, *, nu
     return result
 
 
-# ----------------------------------------------------------------------------- export
-
-
 def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of probability rows (B, C) by descending value, ties to the lower index (the ``topk`` order)."""
     probs = np.asarray(probs, dtype=np.float32)
@@ -402,8 +377,6 @@ def topk_of_probs(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def save_label_file(path: Path, params: np.ndarray, indices: np.ndarray, values: np.ndarray, fp16: bool) -> None:
     """Write one FKD label file atomically: ``[coords (R,4), flips (R,), labels (R,2,k)]`` (float16 with
     ``fp16``) of our view parameters (R, P >= 5) and the views' class indices and values (R, k)."""
-    import torch
-
     ft, params = (np.float16 if fp16 else np.float32), np.asarray(params, dtype=np.float32)
     labels = np.stack([np.asarray(indices, dtype=np.float32), np.asarray(values, dtype=np.float32)], axis=1)
     state = [params[:, :4].astype(ft), params[:, _FLIP] > 0.5, labels.astype(ft)]
@@ -416,12 +389,10 @@ def save_label_file(path: Path, params: np.ndarray, indices: np.ndarray, values:
 class ExportResult:
     """What :func:`export_fkd` did: files written by this run, files in all, k, label type."""
 
-    path: Path
     written: int
     files: int
     k: int
     label_type: str
-    skipped: int
     already_complete: bool
 
 
@@ -498,8 +469,6 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
                fp16: bool = False, overwrite: bool = False, show_progress: bool = True,
                log: Callable[[str], None] = print) -> ExportResult:
     """Write the store at ``store_path`` as FKD soft labels under ``out`` (resumable, one file per image)."""
-    from ..progress import bar
-
     from ..distill import check_made_from
 
     store = TargetStore.open(store_path)
@@ -512,8 +481,7 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     resume, finished = _resume_export(out, spec, overwrite)
     if finished is not None:
         log(f"export {out} is already complete ({finished.get('files')} files)")
-        return ExportResult(out, 0, int(finished.get("files", 0)), k, spec["label_type"],
-                            len(finished.get("skipped", [])), True)
+        return ExportResult(0, int(finished.get("files", 0)), k, spec["label_type"], True)
     out.mkdir(parents=True, exist_ok=True)
     if resume:  # leftovers of writes killed before their rename
         for f in (out / ds.split).rglob(f"*{LABEL_SUFFIX}.tmp.*"):
@@ -535,4 +503,4 @@ def export_fkd(store_path: str | os.PathLike, dataset, out: str | os.PathLike, *
     if skipped:
         log(f"warning: {len(skipped)} images were skipped when the store was written and have no label file "
             f"(first: {ds.samples[skipped[0]][0]}); FKD's trainer expects one file per image")
-    return ExportResult(out, len(todo), n_files, k, spec["label_type"], len(skipped), False)
+    return ExportResult(len(todo), n_files, k, spec["label_type"], False)

@@ -6,7 +6,3 @@
 from .maps import (LabelMaps, LabelMapStats, RelabelViews, fill_label_maps, label_map_spec, open_label_map_writer,
                    write_label_maps)
 from .targets import box_rois, classifier_weights, dense_from_topk, dense_scores, relabel_targets
-
-__all__ = ["LabelMaps", "LabelMapStats", "RelabelViews", "fill_label_maps", "label_map_spec", "open_label_map_writer",
-           "write_label_maps", "box_rois", "classifier_weights", "dense_from_topk", "dense_scores",
-           "relabel_targets"]

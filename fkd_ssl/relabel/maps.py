@@ -17,11 +17,12 @@ from ..data.image_io import load_uint8
 from ..data.sampler import group_loader
 from ..errors import ConfigError, DataError
 from ..models import Encoder
+from ..progress import bar
 from ..replay import FreshViews
 from ..store import FieldsCodec, StoreIdentity, StoreWriter, TargetStore, finalize, owned_shards
 from ..store import layout as L
 from ..views import PARAM_FIELDS, ViewConfig, normalize
-from .targets import ArrayLike, classifier_weights, dense_from_topk, dense_scores, relabel_targets
+from .targets import ArrayLike, classifier_weights, dense_scores, relabel_targets
 
 #: the largest class count int16 indices can hold
 MAX_CLASSES = int(np.iinfo(np.int16).max) + 1
@@ -130,8 +131,6 @@ def topk_maps(model: Encoder, images: list[torch.Tensor], k: int, device: torch.
 def fill_label_maps(model: Encoder, dataset, writer: StoreWriter, *, batch_size: int = 32, workers: int = 0,
                     device: str | torch.device = "cpu", amp: bool = True, show_progress: bool = True) -> LabelMapStats:
     """Compute and write the maps of the images ``writer`` still misses, in fixed groups of ``batch_size``."""
-    from ..progress import bar
-
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     device, t0 = torch.device(device), time.time()
@@ -167,11 +166,8 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
                      batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu", amp: bool = True,
                      overwrite: bool = False, show_progress: bool = True, provenance: dict | None = None,
                      shard_size: int = 4096, rank: int = 0, world_size: int = 1) -> LabelMapStats:
-    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps.
-
-    Under ``torchrun`` rank 0 first calls :func:`open_label_map_writer` with ``shards=[]``, every rank then
-    calls this, and rank 0 finalizes after a barrier.
-    """
+    """Run the classifier teacher ``model`` once over every whole image of ``dataset`` and store its label maps
+    (under ``torchrun`` every rank calls this after :func:`open_label_map_writer`; rank 0 finalizes)."""
     device = torch.device(device)
     model = model.to(device).eval().requires_grad_(False)
     shards = owned_shards(L.num_shards(len(dataset), shard_size), rank, world_size)
@@ -187,9 +183,7 @@ def write_label_maps(model: Encoder, dataset, path: str | os.PathLike, *, k: int
 
 
 class LabelMaps(TargetStore):
-    """Finished label maps opened for reading (:meth:`open`): a :class:`TargetStore` (``verify``,
-    ``nbytes``, ``valid_indices``, ``skipped``, ``manifest``, ...) that also knows the maps'
-    ``num_classes`` C, ``k``, ``height`` h, ``width`` w, ``input_size`` and ``teacher``."""
+    """Finished label maps opened for reading (:meth:`open`): a :class:`TargetStore` that knows the maps' shape."""
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, dataset=None) -> "LabelMaps":  # type: ignore[override]
@@ -244,11 +238,6 @@ class LabelMaps(TargetStore):
         """``(values float32 (h, w, k), indices int64 (h, w, k))`` of one image."""
         v, i = self.topk_batch(np.array([image]))
         return v[0], i[0]
-
-    def dense(self, image: int) -> torch.Tensor:
-        """float32 ``(C, h, w)``: the image's map with zeros outside the top-k."""
-        v, i = self.topk(image)
-        return dense_from_topk(v, i, self.num_classes)
 
     def __repr__(self) -> str:
         return (f"LabelMaps({str(self.path)!r}, N={self.num_images}, C={self.num_classes}, "

@@ -56,11 +56,9 @@ def _feature_map(model: Encoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def dense_scores(model: Encoder, x: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """The teacher's class-score map: normalised images ``(B, 3, S, S)`` -> float32 logits ``(B, C, h, w)``.
-
-    With ``check``, the map's spatial mean must equal the model's pooled logits (else ConfigError).
-    """
+def dense_scores(model: Encoder, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's class-score map: normalised images ``(B, 3, S, S)`` -> float32 logits ``(B, C, h, w)``;
+    ConfigError unless its spatial mean equals the model's pooled logits."""
     weight, bias = classifier_weights(model)
     fmap, ref = _feature_map(model, x)
     D = weight.shape[1]
@@ -74,14 +72,12 @@ def dense_scores(model: Encoder, x: torch.Tensor, check: bool = True) -> torch.T
         out = torch.einsum("bdhw,cd->bchw", fmap.float(), weight.float())
         if bias is not None:
             out = out + bias.float().view(1, -1, 1, 1)
-        if check:
-            mean = out.mean(dim=(2, 3))
-            tol = (1e-3 if fmap.dtype == torch.float32 else 5e-2) * (1.0 + float(ref.abs().max()))
-            err = float((mean - ref.float()).abs().max())
-            if err > tol:
-                raise ConfigError(f"teacher {model.spec.arch}: the mean of its per-location scores differs from its "
-                                  f"logits by {err:.3g} (its head is not global average pooling + a linear "
-                                  f"classifier), so ReLabel's label map is not defined for it")
+        tol = (1e-3 if fmap.dtype == torch.float32 else 5e-2) * (1.0 + float(ref.abs().max()))
+        err = float((out.mean(dim=(2, 3)) - ref.float()).abs().max())
+        if err > tol:
+            raise ConfigError(f"teacher {model.spec.arch}: the mean of its per-location scores differs from its "
+                              f"logits by {err:.3g} (its head is not global average pooling + a linear "
+                              f"classifier), so ReLabel's label map is not defined for it")
     return out
 
 

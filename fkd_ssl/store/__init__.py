@@ -8,8 +8,3 @@ from .identity import StoreIdentity
 from .layout import FORMAT, VERSION
 from .store import TargetStore
 from .writer import StoreWriter, finalize, owned_shards
-
-__all__ = [
-    "CODECS", "Codec", "FieldsCodec", "Fp16Codec", "Fp32Codec", "Int8Codec", "PQCodec", "TopKCodec", "make_codec",
-    "FORMAT", "VERSION", "StoreIdentity", "TargetStore", "StoreWriter", "finalize", "owned_shards",
-]

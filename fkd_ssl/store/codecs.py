@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 from typing import ClassVar
 
@@ -117,34 +118,30 @@ class Fp32Codec(Codec):
     """Lossless float32 features: field ``x`` float32 (D,)."""
 
     name = "fp32"
+    _dtype = "<f4"
 
     def fields(self, dim: int) -> FieldSpec:
-        return {"x": ("<f4", (dim,))}
+        return {"x": (self._dtype, (dim,))}
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {"x": _as_batch(x, None).copy()}
+        return {"x": _as_batch(x, None).astype(self._dtype)}
 
     def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return np.array(arrays["x"], dtype=np.float32)
+        return np.asarray(arrays["x"]).astype(np.float32)
 
 
-class Fp16Codec(Codec):
+class Fp16Codec(Fp32Codec):
     """Half-precision features: field ``x`` float16 (D,). Values beyond +-65504 are refused."""
 
     name = "fp16"
+    _dtype = "<f2"
     _MAX = float(np.finfo(np.float16).max)
-
-    def fields(self, dim: int) -> FieldSpec:
-        return {"x": ("<f2", (dim,))}
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = _as_batch(x, None)
         if x.size and float(np.abs(x).max()) > self._MAX:
             raise DataError(f"codec fp16: a target value exceeds the float16 range (|x| <= {self._MAX:g}); use fp32 or int8")
-        return {"x": x.astype(np.float16)}
-
-    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(arrays["x"]).astype(np.float32)
+        return super().encode(x)
 
 
 class Int8Codec(Codec):
@@ -197,8 +194,7 @@ class PQCodec(Codec):
     def params(self) -> dict:
         p = dict(self.config)
         if self.centroids is not None:
-            p.update(dim=int(self.centroids.shape[0] * self.centroids.shape[2]), train_rows=self._train_rows,
-                     centroids_sha256=array_sha256(self.centroids))
+            p.update(dim=self.dim, train_rows=self._train_rows, centroids_sha256=array_sha256(self.centroids))
         return p
 
     @property
@@ -326,13 +322,8 @@ class PQCodec(Codec):
         return acc.argmin(axis=1)
 
     def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        c = self._need()
-        M, _, dsub = c.shape
-        codes = np.asarray(arrays["codes"])
-        out = np.empty((codes.shape[0], M * dsub), dtype=np.float32)
-        for m in range(M):
-            out[:, m * dsub:(m + 1) * dsub] = c[m][codes[:, m]]
-        return out
+        c, codes = self._need(), np.asarray(arrays["codes"])
+        return c[np.arange(self.M), codes].reshape(len(codes), self.dim)  # (B, M, dsub) -> (B, D)
 
 
 class TopKCodec(Codec):
@@ -441,11 +432,5 @@ def codec_from_params(name: str, params: dict) -> Codec:
     """Rebuild a codec from the ``params`` a store recorded (a trained one then needs :meth:`Codec.load_state`)."""
     if name not in CODECS:
         raise DataError(f"store uses unknown codec {name!r} (this fkd_ssl knows {', '.join(CODECS)})")
-    cls = CODECS[name]
-    return make_codec(name, **{k: v for k, v in params.items() if k in _config_keys(cls)})
-
-
-def _config_keys(cls: type[Codec]) -> set[str]:
-    import inspect
-
-    return {p for p in inspect.signature(cls.__init__).parameters if p != "self"} if cls.__init__ is not object.__init__ else set()
+    keys = inspect.signature(CODECS[name]).parameters  # the constructor's arguments
+    return make_codec(name, **{k: v for k, v in params.items() if k in keys})

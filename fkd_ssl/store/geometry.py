@@ -127,6 +127,5 @@ def default_geometry(param_dim: int, identity: dict) -> Geometry:
     """``fixed`` for the view parameters of geometry-only views (the identity's views say so), else ``float32``."""
     from ..views import VIEW_PARAM_DIM
 
-    views = identity.get("views") if isinstance(identity, dict) else None
-    geometry_only = isinstance(views, dict) and views.get("photometric") is False
+    geometry_only = (identity.get("views") or {}).get("photometric") is False
     return (FixedGeometry if geometry_only and param_dim == VIEW_PARAM_DIM else Geometry)(param_dim)

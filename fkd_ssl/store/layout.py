@@ -36,28 +36,12 @@ _STORE_FILE = re.compile(
 )
 
 
-def shard_name(s: int) -> str:
-    return f"shard-{s:05d}"
+SHARD_FILES = ("records.npy", "done.npy", "skipped.json", "images.npy")  # a shard's files; "sha256.json" checksums them
 
 
-def records_file(s: int) -> str:
-    return f"{shard_name(s)}.records.npy"
-
-
-def done_file(s: int) -> str:
-    return f"{shard_name(s)}.done.npy"
-
-
-def images_file(s: int) -> str:
-    return f"{shard_name(s)}.images.npy"
-
-
-def skipped_file(s: int) -> str:
-    return f"{shard_name(s)}.skipped.json"
-
-
-def checksum_file(s: int) -> str:
-    return f"{shard_name(s)}.sha256.json"
+def shard_file(s: int, kind: str) -> str:
+    """``shard-00007.<kind>``: one of :data:`SHARD_FILES` or ``sha256.json``."""
+    return f"shard-{s:05d}.{kind}"
 
 
 def codec_state_file(key: str) -> str:
@@ -115,6 +99,20 @@ def file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def check_files(path: Path, entry: dict, source: str, sha256: bool = False) -> None:
+    """DataError naming the first file of a shard's checksum ``entry`` that is missing or whose size (with
+    ``sha256`` also digest) differs from what ``source`` records."""
+    for name, meta in entry["files"].items():
+        f = path / name
+        if not f.exists():
+            raise DataError(f"store file {f} is missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise DataError(f"store file {f} is truncated or altered ({f.stat().st_size} bytes, {source} says "
+                            f"{meta['bytes']})")
+        if sha256 and file_sha256(f) != meta["sha256"]:
+            raise DataError(f"store file {f} is corrupt (sha256 differs from {source})")
+
+
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted paths where two JSON values differ (recursing into dicts)."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -150,23 +148,16 @@ def open_npy(path: Path, mode: str, dtype: np.dtype, shape: tuple[int, ...]) -> 
     return mm
 
 
-def preallocate(f) -> None:
-    """Reserve the disk blocks of an open file (a new memmap is sparse): a full disk is then an
-    OSError here, not a SIGBUS at a later write through the map."""
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-
-
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    """Create a zero-filled, preallocated ``.npy`` atomically."""
+    """Create a zero-filled ``.npy`` atomically, its disk blocks reserved (a new memmap is sparse): a full disk
+    is then an OSError here, not a SIGBUS at a later write through the map."""
     with atomic_path(path) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            preallocate(f)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "rb+") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
 

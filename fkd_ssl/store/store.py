@@ -36,8 +36,6 @@ class TargetStore(StoreShape):
         self._maps: dict[tuple[int, bool], np.memmap] = {}
         self._pid = os.getpid()
 
-    # ------------------------------------------------------------------ opening / checking
-
     @classmethod
     def open(cls, path: str | os.PathLike, verify: bool = False, expect_identity: dict | None = None) -> "TargetStore":
         """Open the store at ``path`` (manifest, version, file sizes; ``verify``: all checksums).
@@ -64,17 +62,10 @@ class TargetStore(StoreShape):
         if not m.get("complete") or len(m.get("shards", [])) != m.get("num_shards"):
             raise DataError(f"{mpath} describes an incomplete store")
         for entry in m["shards"]:
-            cf = path / L.checksum_file(entry["shard"])
+            cf = path / L.shard_file(entry["shard"], "sha256.json")
             if not cf.exists():
                 raise DataError(f"store file {cf} is missing")
-            for name, meta in entry["files"].items():
-                f = path / name
-                try:
-                    size = f.stat().st_size
-                except FileNotFoundError:
-                    raise DataError(f"store file {f} is missing") from None
-                if size != meta["bytes"]:
-                    raise DataError(f"store file {f} is truncated or altered ({size} bytes, manifest says {meta['bytes']})")
+            L.check_files(path, entry, "the manifest")
         codec = load_codec(path, m["codec"])
         store = cls(path, m, codec)
         if L.dtype_to_json(store.stored_dtype) != m.get("record_dtype"):
@@ -106,8 +97,7 @@ class TargetStore(StoreShape):
         """ConfigError naming every key of ``expected`` whose value differs from the store's
         identity (nested dicts compared key by key; keys absent from ``expected`` are ignored)."""
         want, ident = L.normalise(expected, "expected identity"), self.identity.to_dict()
-        have = {k: ident.get(k) for k in want} if isinstance(want, dict) else ident
-        diff = L.diff_keys(_restrict(have, want), want)
+        diff = L.diff_keys(_restrict(ident, want), want)
         if diff:
             shown = ", ".join(f"{d}: {L.get_dotted(ident, d)!r} (expected {L.get_dotted(want, d)!r})"
                               for d in diff[:4])
@@ -117,7 +107,7 @@ class TargetStore(StoreShape):
         """Every checksummed file of the store (relative names)."""
         out = sorted(referenced_files(self.manifest["codec"]))
         for entry in self.manifest["shards"]:
-            out += sorted(entry["files"]) + [L.checksum_file(entry["shard"])]
+            out += sorted(entry["files"]) + [L.shard_file(entry["shard"], "sha256.json")]
         return out
 
     def verify(self) -> None:
@@ -128,18 +118,13 @@ class TargetStore(StoreShape):
         if not isinstance(header, dict) or any(self.manifest.get(k) != v for k, v in header.items()):
             raise DataError(f"store file {hpath} does not match {self.path / L.MANIFEST}")
         for entry in self.manifest["shards"]:
-            cf = self.path / L.checksum_file(entry["shard"])
+            cf = self.path / L.shard_file(entry["shard"], "sha256.json")
             if L.read_json(cf) != entry:
                 raise DataError(f"store file {cf} does not match {self.path / L.MANIFEST}")
-            for name, meta in entry["files"].items():
-                f = self.path / name
-                if not f.exists():
-                    raise DataError(f"store file {f} is missing")
-                if L.file_sha256(f) != meta["sha256"]:
-                    raise DataError(f"store file {f} is corrupt (sha256 differs from {cf.name})")
-            done = np.load(self.path / L.done_file(entry["shard"]), allow_pickle=False)
-            if (done == L.DONE_NOT).any():
-                raise DataError(f"store file {self.path / L.done_file(entry['shard'])} marks images as not written")
+            L.check_files(self.path, entry, cf.name, sha256=True)
+            done = self.path / L.shard_file(entry["shard"], "done.npy")
+            if (np.load(done, allow_pickle=False) == L.DONE_NOT).any():
+                raise DataError(f"store file {done} marks images as not written")
         load_codec(self.path, self.manifest["codec"])  # codec state files against their checksums
         self.check_replay()
 
@@ -153,8 +138,6 @@ class TargetStore(StoreShape):
         """Total bytes of the store's checksummed files."""
         return sum((self.path / n).stat().st_size for n in self.files())
 
-    # ------------------------------------------------------------------ reading
-
     def valid_indices(self) -> np.ndarray:
         """int64 (N - skipped,): image indices that have targets (ascending)."""
         return np.nonzero(~self._skip_mask)[0].astype(np.int64)
@@ -167,8 +150,9 @@ class TargetStore(StoreShape):
         mm = self._maps.get((s, images))
         if mm is None:
             start, stop = L.shard_range(s, self.num_images, self.shard_size)
-            mm = (L.open_npy(self.path / L.images_file(s), "r", self.geometry.image_dtype, (stop - start,)) if images
-                  else L.open_npy(self.path / L.records_file(s), "r", self.stored_dtype, (stop - start, self.views_per_image)))
+            kind, dtype, shape = (("images.npy", self.geometry.image_dtype, (stop - start,)) if images
+                                  else ("records.npy", self.stored_dtype, (stop - start, self.views_per_image)))
+            mm = L.open_npy(self.path / L.shard_file(s, kind), "r", dtype, shape)
             self._maps[(s, images)] = mm
         return mm
 
@@ -230,8 +214,6 @@ class TargetStore(StoreShape):
 
     def _decode(self, rec: np.ndarray) -> np.ndarray:
         return self.codec.decode({f: rec[f] for f in self._fields})
-
-    # ------------------------------------------------------------------ pickling (spawned workers)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

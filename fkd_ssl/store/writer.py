@@ -42,18 +42,15 @@ def _log(path: Path, event: str, **extra) -> None:
     line = json.dumps({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                        "pid": os.getpid(), **extra}, sort_keys=True, default=str)
     try:
-        fd = os.open(path / L.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
+        with open(path / L.LOG, "ab", buffering=0) as f:  # appended in one write: ranks' lines do not interleave
+            f.write((line + "\n").encode())
     except OSError:
         pass  # the log is a courtesy, never a reason to fail
 
 
-# header keys that must match on resume (provenance and derived values are not compared)
+# header keys that must match on resume, besides the codec (provenance and derived values are not compared)
 _COMPARED = ("format", "version", "identity", "num_images", "views_per_image", "param_dim", "target_dim",
-             "shard_size", "geometry", "codec")
+             "shard_size", "geometry")
 
 
 class _Shard:
@@ -68,14 +65,11 @@ class StoreWriter(StoreShape):
 
     def __init__(self, path: Path, header: dict, codec: Codec, shards: list[int], sync: bool):
         super().__init__(path, header, codec)
-        self.header = header
         self.shards = shards
         self._owned = set(shards)
         self.sync = sync
         self.dtype = L.stored_dtype(self.geometry, codec.fields(self.target_dim))
         self._open: dict[int, _Shard] = {}
-
-    # ------------------------------------------------------------------ creation / resume
 
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike, identity: StoreIdentity | dict, *, num_images: int, views_per_image: int,
@@ -86,8 +80,7 @@ class StoreWriter(StoreShape):
         """Create the store at ``path`` or resume the one there (same identity, sizes, geometry and codec, else
         ConfigError naming the differing keys; ``overwrite=True`` replaces it).  A trained codec may be
         passed unfitted when resuming.  ``shards``: those this process writes (default all).  ``geometry``:
-        how view parameters are kept (default :func:`~.geometry.default_geometry`).
-        """
+        how view parameters are kept (default :func:`~.geometry.default_geometry`)."""
         path = Path(path)
         for name, v, lo in (("num_images", num_images, 1), ("views_per_image", views_per_image, 1),
                             ("param_dim", param_dim, 0), ("target_dim", target_dim, 1), ("shard_size", shard_size, 1)):
@@ -137,7 +130,7 @@ class StoreWriter(StoreShape):
         bad = [s for s in owned if not 0 <= s < S]
         if bad:
             raise ConfigError(f"shards {bad[:5]} are out of range for store {path} (0..{S - 1})")
-        prefixes = tuple(L.shard_name(s) + "." for s in owned)
+        prefixes = tuple(L.shard_file(s, "") for s in owned)
         for name in os.listdir(path):  # leftovers of a write killed before its rename; only we write these
             if L.is_tmp_file(name) and name.startswith(prefixes):
                 (path / name).unlink(missing_ok=True)
@@ -146,24 +139,16 @@ class StoreWriter(StoreShape):
 
     @staticmethod
     def _mismatch(old: dict, want: dict, codec: Codec) -> list[str]:
-        out: list[str] = []
-        for k in _COMPARED:
-            if k == "codec":
-                oc = old.get("codec") or {}
-                if oc.get("name") != codec.name:
-                    out.append(f"codec: {oc.get('name')!r} -> {codec.name!r}")
-                    continue
-                oparams = oc.get("params") or {}
-                new = L.normalise(codec.params if codec.is_fitted else codec.config, "codec params")
-                old_cmp = oparams if codec.is_fitted else {k2: oparams.get(k2) for k2 in new}
-                out += [f"codec.params.{d}: {L.get_dotted(old_cmp, d)!r} -> {L.get_dotted(new, d)!r}"
-                        for d in L.diff_keys(old_cmp, new)]
-            elif k in ("identity", "geometry"):
-                out += [f"identity.{d}: {L.get_dotted(old.get(k), d)!r} -> {L.get_dotted(want[k], d)!r}"
-                        for d in L.diff_keys(old.get(k), want[k])]
-            elif old.get(k) != want[k]:
-                out.append(f"{k}: {old.get(k)!r} -> {want[k]!r}")
-        return out
+        out = [f"{d}: {L.get_dotted(old, d)!r} -> {L.get_dotted(want, d)!r}"
+               for k in _COMPARED for d in L.diff_keys(old.get(k), want[k], k)]
+        oc = old.get("codec") or {}
+        if oc.get("name") != codec.name:
+            return out + [f"codec: {oc.get('name')!r} -> {codec.name!r}"]
+        oparams = oc.get("params") or {}
+        new = L.normalise(codec.params if codec.is_fitted else codec.config, "codec params")
+        old_cmp = oparams if codec.is_fitted else {k: oparams.get(k) for k in new}
+        return out + [f"codec.params.{d}: {L.get_dotted(old_cmp, d)!r} -> {L.get_dotted(new, d)!r}"
+                      for d in L.diff_keys(old_cmp, new)]
 
     @staticmethod
     def _delete_store_files(path: Path) -> None:
@@ -185,13 +170,8 @@ class StoreWriter(StoreShape):
         L.write_json_atomic(path / L.HEADER, header, exclusive=True)  # first creator wins
         _log(path, "create")
 
-    # ------------------------------------------------------------------ shards
-
     def _range(self, s: int) -> tuple[int, int]:
         return L.shard_range(s, self.num_images, self.shard_size)
-
-    def is_complete(self, s: int) -> bool:
-        return (self.path / L.checksum_file(s)).exists()
 
     def _shard(self, s: int) -> _Shard:
         """Open (creating on first use) the files of owned, not yet complete shard ``s``."""
@@ -200,12 +180,12 @@ class StoreWriter(StoreShape):
         sh = self._open.get(s)
         if sh is not None:
             return sh
-        if self.is_complete(s):
-            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.checksum_file(s)}); it is not rewritten")
+        if (self.path / L.shard_file(s, "sha256.json")).exists():
+            raise ConfigError(f"shard {s} of store {self.path} is complete (has {L.shard_file(s, 'sha256.json')}); "
+                              f"it is not rewritten")
         start, stop = self._range(s)
         n, R = stop - start, self.views_per_image
-        rec_p, done_p, skip_p, img_p = (self.path / f for f in (L.records_file(s), L.done_file(s), L.skipped_file(s),
-                                                                   L.images_file(s)))
+        rec_p, done_p, skip_p, img_p = (self.path / L.shard_file(s, kind) for kind in L.SHARD_FILES)
         img_dt = self.geometry.image_dtype
         if not done_p.exists():  # the done mask is created last: without it nothing was committed
             L.create_npy(rec_p, self.dtype, (n, R))
@@ -229,15 +209,11 @@ class StoreWriter(StoreShape):
             s = int(s)
             if not 0 <= s < self.num_shards:
                 raise ConfigError(f"shard {s} is out of range for store {self.path} (0..{self.num_shards - 1})")
-            start, stop = self._range(s)
-            if s in self._open:
-                done = np.asarray(self._open[s].done)
-            elif (self.path / L.done_file(s)).exists():
-                done = np.asarray(L.open_npy(self.path / L.done_file(s), "r", np.dtype(np.uint8), (stop - start,)))
-            else:
-                out.append(np.arange(start, stop, dtype=np.int64))
-                continue
-            out.append(start + np.nonzero(done == L.DONE_NOT)[0].astype(np.int64))
+            (start, stop), done_p = self._range(s), self.path / L.shard_file(s, "done.npy")
+            done = (self._open[s].done if s in self._open
+                    else L.open_npy(done_p, "r", np.dtype(np.uint8), (stop - start,)) if done_p.exists()
+                    else np.zeros(stop - start, np.uint8))  # no done mask yet: nothing written
+            out.append(start + np.flatnonzero(np.asarray(done) == L.DONE_NOT).astype(np.int64))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def write(self, indices: np.ndarray, params: np.ndarray, targets: np.ndarray, sizes=None) -> None:
@@ -329,34 +305,33 @@ class StoreWriter(StoreShape):
             sh.done.flush()
 
     def _save_skipped(self, s: int, sh: _Shard) -> None:
-        L.write_json_atomic(self.path / L.skipped_file(s), [sh.skipped[i] for i in sorted(sh.skipped)])
+        L.write_json_atomic(self.path / L.shard_file(s, "skipped.json"), [sh.skipped[i] for i in sorted(sh.skipped)])
 
     def complete_shard(self, s: int) -> dict:
         """Checksum owned shard ``s`` once every image is written or skipped (``shard-XXXXX.sha256.json``,
         returned).  Idempotent; ConfigError if images are still missing."""
         s = int(s)
-        f = self.path / L.checksum_file(s)
+        f = self.path / L.shard_file(s, "sha256.json")
         if f.exists():
             return L.read_json(f)
         sh = self._shard(s)
-        missing = int((np.asarray(sh.done) == L.DONE_NOT).sum())
+        flags, (start, stop) = np.asarray(sh.done), self._range(s)
+        missing = int((flags == L.DONE_NOT).sum())
         if missing:
             raise ConfigError(f"shard {s} of store {self.path} still misses {missing} images; write or skip them first")
-        flags = np.asarray(sh.done)
-        start = s * self.shard_size
         marked = {start + int(i) for i in np.nonzero(flags == L.DONE_SKIPPED)[0]}
         if set(sh.skipped) != marked:  # the done mask is the truth: drop stale entries
             lost = marked - set(sh.skipped)
             if lost:
-                raise DataError(f"store file {self.path / L.skipped_file(s)} lacks skipped images {sorted(lost)[:5]}")
+                raise DataError(f"store file {self.path / L.shard_file(s, 'skipped.json')} lacks skipped images "
+                                f"{sorted(lost)[:5]}")
             sh.skipped = {i: e for i, e in sh.skipped.items() if i in marked}
             self._save_skipped(s, sh)
         self._release(s)
         del sh
-        start, stop = self._range(s)
+        names = [L.shard_file(s, kind) for kind in L.SHARD_FILES]
         entry = {"shard": s, "start": start, "stop": stop,
-                 "files": {name: L.file_entry(self.path / name) for name in (L.records_file(s), L.done_file(s), L.skipped_file(s),
-                                                                            L.images_file(s)) if (self.path / name).exists()}}
+                 "files": {name: L.file_entry(self.path / name) for name in names if (self.path / name).exists()}}
         L.write_json_atomic(f, entry)
         return entry
 
@@ -386,7 +361,7 @@ def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.
     S = header["num_shards"]
     deadline = time.monotonic() + timeout_s
     while True:
-        missing = [s for s in range(S) if not (path / L.checksum_file(s)).exists()]
+        missing = [s for s in range(S) if not (path / L.shard_file(s, "sha256.json")).exists()]
         if not missing or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
@@ -396,16 +371,12 @@ def finalize(path: str | os.PathLike, timeout_s: float = 0.0, poll_s: float = 2.
                         f"(shards {shown}); rerun the writers")
     shards, skipped = [], []
     for s in range(S):
-        entry = L.read_json(path / L.checksum_file(s))
-        for name, meta in entry["files"].items():
-            f = path / name
-            if not f.exists():
-                raise DataError(f"store file {f} is missing")
-            if f.stat().st_size != meta["bytes"]:
-                raise DataError(f"store file {f} has {f.stat().st_size} bytes, its checksum file says {meta['bytes']}")
-        sk = path / L.skipped_file(s)
-        if L.file_sha256(sk) != entry["files"][L.skipped_file(s)]["sha256"]:
-            raise DataError(f"store file {sk} does not match {path / L.checksum_file(s)}")
+        cf = path / L.shard_file(s, "sha256.json")
+        entry = L.read_json(cf)
+        L.check_files(path, entry, str(cf))
+        sk = path / L.shard_file(s, "skipped.json")
+        if L.file_sha256(sk) != entry["files"][sk.name]["sha256"]:
+            raise DataError(f"store file {sk} does not match {cf}")
         skipped += L.read_json(sk)
         shards.append(entry)
     manifest = {**header, "complete": True, "shards": shards, "skipped": skipped, "num_skipped": len(skipped)}
