@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "marginal_smoothing_k*, smoothing, hard) or renormalised top-k (marginal_renorm)")
     imp.add_argument("--view-size", type=cli.positive_int("--view-size"), default=224,
                      help="the side the teacher saw its crops at (the generator's --input_size); recorded only")
-    imp.add_argument("--crop-min", type=cli.positive_float("--crop-min"), default=0.08,
+    imp.add_argument("--crop-min", type=cli.fraction("--crop-min"), default=0.08,
                      help="RandomResizedCrop min scale the generator used (recorded only)")
     imp.add_argument("--crop-max", type=cli.positive_float("--crop-max"), default=0.936,
                      help="RandomResizedCrop max scale the generator used (recorded only)")
