@@ -68,7 +68,7 @@ def number_list(kind: type, flag: str, allow_empty: bool = False):
 def add_common_args(p: argparse.ArgumentParser, which: Iterable[str] = COMMON, **defaults) -> argparse.ArgumentParser:
     """Add the shared flags named in ``which``; ``defaults`` overrides their default values."""
     spec = {
-        "data": (("--data",), dict(default="synthetic", help="dataset spec: synthetic[:k=v,..], mnist5k[:k=v,..], imagefolder:PATH, cifar10:ROOT, cifar100:ROOT, stl10:ROOT")),
+        "data": (("--data",), dict(default="synthetic", help="dataset spec: synthetic[:k=v,..], mnist5k[:k=v,..], groceries[:fine=1], imagefolder:PATH, cifar10:ROOT, cifar100:ROOT, stl10:ROOT")),
         "data_root": (("--data-root",), dict(default=DEFAULT_DATA_ROOT, help="where generated data and caches live")),
         "out": (("--out",), dict(default=None, help="output folder (rerunning the same command resumes it)")),
         "epochs": (("--epochs",), dict(type=positive_int("--epochs"), default=10,

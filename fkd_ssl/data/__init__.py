@@ -1,4 +1,4 @@
-"""Datasets: the built-in synthetic and mnist5k sets, ImageFolder trees and torchvision sets from local files."""
+"""Datasets: the built-in sets (synthetic, mnist5k, groceries), ImageFolder trees, torchvision sets from local files."""
 
 from .datasets import (DEFAULT_DATA_ROOT, DataSpec, ImageFolderDataset, IndexedDataset, build_dataset,
                        parse_spec)

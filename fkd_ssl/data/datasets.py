@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..errors import DataError
 from .image_io import IMAGE_EXTENSIONS, load_rgb
+from .groceries import GroceriesConfig, ensure_groceries
 from .mnist5k import Mnist5kConfig, ensure_mnist5k
 from .synthetic import SyntheticConfig, ensure_synthetic
 
@@ -210,7 +211,8 @@ class DataSpec:
 
 
 #: the sets made once into ``--data-root``: kind -> (options, make)
-BUILT_IN = {"synthetic": (SyntheticConfig, ensure_synthetic), "mnist5k": (Mnist5kConfig, ensure_mnist5k)}
+BUILT_IN = {"synthetic": (SyntheticConfig, ensure_synthetic), "mnist5k": (Mnist5kConfig, ensure_mnist5k),
+            "groceries": (GroceriesConfig, ensure_groceries)}
 KINDS = (*BUILT_IN, "imagefolder", "cifar10", "cifar100", "stl10")
 
 
